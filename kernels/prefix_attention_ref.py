@@ -1,0 +1,133 @@
+"""Plain-torch reference for memory-injected (prefix) attention: the spec every kernel is tested against.
+
+Row ``b`` attends to ``cat([first prefix_lens[s] positions of slot s for s in prefix_index[b] if s >= 0],
+own keys of row b)``; the prefix is visible to every query, the own keys are causally masked with
+bottom-right alignment (query ``i`` sees own key ``j`` when ``j <= i + Tk - Tq``).
+
+This module imports only torch. The deterministic slot reduction used by every backend's backward
+(`sum_into_slots`) lives here too, so the reference and the kernels sum shared-slot gradients in the
+same order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sum_into_slots(per_use: Tensor, index: Tensor, num_slots: int) -> Tensor:
+    """Deterministic scatter-sum of per-use tensors into their slots.
+
+    per_use: ``[B, M, *F]`` (the contribution of use ``(b, m)``); index: ``[B, M]`` slot ids, ``-1`` unused.
+    Returns ``[num_slots, *F]`` in per_use's dtype. Each slot sums its uses in ``(b, m)`` order, in
+    conflict-free rounds (round r adds every slot's r-th use, and no slot appears twice in a round),
+    so the bits never depend on thread scheduling, on any device.
+    """
+    feature_shape = per_use.shape[2:]
+    flat_index = index.reshape(-1).long()
+    flat = per_use.reshape(flat_index.numel(), *feature_shape)
+    out = flat.new_zeros((num_slots, *feature_shape))
+    uses = (flat_index >= 0).nonzero().squeeze(1)
+    if uses.numel() == 0:
+        return out
+    slots = flat_index[uses]
+    order = torch.argsort(slots, stable=True)
+    sorted_slots = slots[order]
+    counts = torch.bincount(sorted_slots, minlength=num_slots)
+    first_use = counts.cumsum(0) - counts
+    rank = torch.empty_like(slots)
+    rank[order] = torch.arange(slots.numel(), device=slots.device) - first_use[sorted_slots]
+    for r in range(int(counts.max())):
+        in_round = rank == r
+        round_slots = slots[in_round]
+        out.index_put_((round_slots,), out[round_slots] + flat[uses[in_round]])
+    return out
+
+
+class _GatherSlots(torch.autograd.Function):
+    """``pool[index.clamp(min=0)]`` with a deterministic backward (`sum_into_slots`)."""
+
+    @staticmethod
+    def forward(ctx, pool: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_slots = pool.shape[0]
+        return pool[index.clamp(min=0).long()]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return sum_into_slots(grad, index, ctx.num_slots), None
+
+
+def gather_slots(pool: Tensor, index: Tensor) -> Tensor:
+    """pool ``[S, *F]``, index ``[B, M]`` -> ``[B, M, *F]`` (entries of ``-1`` read slot 0; mask them)."""
+    return _GatherSlots.apply(pool, index)
+
+
+def normalize_index(prefix_index: Tensor) -> Tensor:
+    """``[B]`` or ``[B, M]`` slot ids -> ``[B, M]``."""
+    return prefix_index[:, None] if prefix_index.dim() == 1 else prefix_index
+
+
+def attention_mask(index: Tensor, lens: Tensor, prefix_len: int, q_len: int, k_len: int,
+                   causal: bool, key_start: Tensor | None = None) -> Tensor:
+    """Boolean ``[B, Tq, M * P + Tk]``: which keys of the concatenation each query sees."""
+    device = index.device
+    positions = torch.arange(prefix_len, device=device)
+    slot_lens = lens.long()[index.clamp(min=0).long()]                       # [B, M]
+    prefix_ok = (index[..., None] >= 0) & (positions < slot_lens[..., None])  # [B, M, P]
+    prefix_ok = prefix_ok.reshape(index.shape[0], 1, -1).expand(-1, q_len, -1)
+    own_ok = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        query_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+        own_ok = torch.arange(k_len, device=device)[None, :] <= query_pos
+    own_ok = own_ok.expand(index.shape[0], -1, -1)
+    if key_start is not None:
+        own_ok = own_ok & (torch.arange(k_len, device=device) >= key_start.long()[:, None])[:, None, :]
+    return torch.cat([prefix_ok, own_ok], dim=2)
+
+
+def prefix_attention_ref(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                         prefix_index: Tensor, prefix_lens: Tensor | None = None, *,
+                         causal: bool = True, softmax_scale: float | None = None,
+                         key_start: Tensor | None = None, upcast: bool = True,
+                         return_lse: bool = False):
+    """Reference prefix attention by gather + concatenate + masked softmax.
+
+    q ``[B, Tq, Hq, D]``; k, v ``[B, Tk, Hkv, D]``; prefix_k, prefix_v ``[S, P, Hkv, D]``;
+    prefix_index ``[B]`` or ``[B, M]`` (``-1`` = none); prefix_lens ``[S]`` or None (all P);
+    key_start ``[B]`` or None: own keys ``j < key_start[b]`` are invisible (left padding).
+    A query that sees no key at all gets a zero output and an lse of ``-inf``.
+    Computes in fp32 (fp64 stays fp64) when ``upcast``, else in the inputs' dtype (the "plain torch
+    in the same dtype" baseline of the accuracy rule). Returns out ``[B, Tq, Hq, D]`` in q's dtype,
+    and with ``return_lse`` also the natural-log logsumexp ``[B, Hq, Tq]`` in fp32.
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    num_slots, prefix_len = prefix_k.shape[:2]
+    index = normalize_index(prefix_index)
+    uses = index.shape[1]
+    lens = prefix_lens if prefix_lens is not None else torch.full(
+        (num_slots,), prefix_len, dtype=torch.int32, device=q.device)
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+
+    keys = torch.cat([gather_slots(prefix_k, index).reshape(batch, uses * prefix_len, kv_heads, head_dim),
+                      k], dim=1).to(dtype)
+    values = torch.cat([gather_slots(prefix_v, index).reshape(batch, uses * prefix_len, kv_heads, head_dim),
+                        v], dim=1).to(dtype)
+    group = q_heads // kv_heads
+    keys = keys.repeat_interleave(group, dim=2)
+    values = values.repeat_interleave(group, dim=2)
+
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), keys) * scale
+    visible = attention_mask(index, lens, prefix_len, q_len, k_len, causal, key_start)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / denom.masked_fill(denom == 0, 1.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, values).to(q.dtype)
+    if return_lse:
+        return out, (denom.float().log() + row_max.float()).squeeze(-1)
+    return out
