@@ -1,0 +1,50 @@
+"""Command line: ``python -m fastmem info``."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+
+import torch
+
+import fastmem
+from fastmem.ops import backends
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> None:
+    """Print versions, backend availability and what `auto` picks per device."""
+    cuda = torch.version.cuda or "none"
+    print(f"fastmem {fastmem.__version__} | python {platform.python_version()} | torch {torch.__version__} "
+          f"(CUDA {cuda}, GPU {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})")
+    for package in ("triton", "transformers", "peft", "safetensors", "math-verify", "flash-attn"):
+        print(f"  {package:<13} {_version(package)}")
+    print("prefix_attention backends:")
+    for name in backends.BACKEND_MODULES:
+        reason = backends.unavailable_reason(name)
+        print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for head_dim in (64, 128):
+                picked = backends.resolve("auto", torch.device(device), dtype, head_dim)
+                print(f"  auto on {device:<4} {str(dtype).removeprefix('torch.'):<8} head dim {head_dim:<3} -> {picked}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastmem", description=fastmem.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, available backends and what auto picks")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+
+
+if __name__ == "__main__":
+    main()
