@@ -1,0 +1,386 @@
+"""`inject`: run a patched model with memory, and the small internal API it is built on.
+
+The layers, from the bottom:
+
+- `KVPool`: per-layer key/value pools ``[S, P, Hkv, D]`` with valid lengths ``[S]``: S slots any batch
+  row can attend to. A prefix bank is one (its parameters, viewed per layer); a soft-prompt bank
+  becomes one by running the model over its prompts (`soft_prompt_memory`); a prompt's KV cache
+  becomes one with `KVPool.from_cache`.
+- `Memory`: a pool plus, for one batch, which slots each row reads (``index [B, M]``, ``-1`` = none)
+  and, for soft prompts, the logits of the last memory position (they predict the first real token).
+- `InjectionContext`: what the attention function receives at every layer through the ``fastmem``
+  forward keyword: the memory and ``key_start [B]`` (left padding). Its `attend` calls
+  `fastmem.prefix_attention` on that layer's pool.
+- `inject(model, source, index)`: a context manager whose forward hooks turn ``source`` (anything with
+  ``num_slots``, ``validate(model)``, ``version()`` and ``memory_for(model, index)``: a `MemoryBank` or
+  a `KVPool`) into an `InjectionContext` per forward, shift positions by each row's memory length,
+  and compute the loss. Works with ``model(...)`` and ``model.generate(...)``.
+
+Each row behaves as if it ran alone with its memory in front: its real tokens sit at positions
+``n_b + 0, n_b + 1, ...`` (``n_b`` = the row's memory positions), left padding is invisible, and the
+cache of ``generate`` holds real tokens only.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from fastmem.hf.architectures import model_shape
+from fastmem.hf.attention import CONTEXT_KEYWORD, original_implementation
+from fastmem.ops import prefix_attention
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class KVPool:
+    """Keys and values of S memory slots at every layer.
+
+    layers: one ``(keys, values)`` per decoder layer, each ``[S, P, Hkv, D]`` (keys as the attention sees
+    them, i.e. after any rotary embedding); lengths: integer ``[S]``, the valid positions of each slot.
+    """
+    layers: tuple[tuple[Tensor, Tensor], ...]
+    lengths: Tensor
+
+    @classmethod
+    def from_cache(cls, cache, lengths: Tensor | None = None) -> "KVPool":
+        """A pool whose slot s is row s of a transformers cache (``cache.layers[l].keys [S, Hkv, P, D]``).
+
+        lengths: ``[S]`` valid positions per row (right padding); all P when None. The pool views the
+        cache's current tensors; later cache updates (which concatenate into new tensors) leave it as is.
+        """
+        layers = tuple((layer.keys.transpose(1, 2), layer.values.transpose(1, 2)) for layer in cache.layers)
+        num_slots, prefix_len = layers[0][0].shape[:2]
+        if lengths is None:
+            lengths = torch.full((num_slots,), prefix_len, dtype=torch.long, device=layers[0][0].device)
+        return cls(layers, lengths)
+
+    @property
+    def num_slots(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def validate(self, model) -> None:
+        """ValueError when the pool does not fit ``model``'s layers, KV heads and head dim."""
+        shape = model_shape(model)
+        expected = (shape.num_kv_heads, shape.head_dim)
+        if len(self.layers) != shape.num_layers or any(
+                tuple(k.shape[2:]) != expected or k.shape != v.shape for k, v in self.layers):
+            found = sorted({(tuple(k.shape), tuple(v.shape)) for k, v in self.layers})
+            raise ValueError(f"KV pool does not fit the model: need {shape.num_layers} layers of "
+                             f"[S, P, {expected[0]}, {expected[1]}] keys and values, got {len(self.layers)} "
+                             f"layers with shapes {found}")
+
+    def version(self) -> tuple[int, ...]:
+        return tuple(t._version for pair in self.layers for t in pair) + (self.lengths._version,)
+
+    def memory_for(self, model, index: Tensor) -> "Memory":
+        return Memory(self, index)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A pool and, for one batch, the slots each row reads.
+
+    index: ``[B, M]`` slot ids in order, ``-1`` = none. lead_logits: ``[B, V]`` or None; the logits at the
+    last memory position of each row (soft prompts only), which predict the row's first token.
+    """
+    pool: KVPool
+    index: Tensor
+    lead_logits: Tensor | None = None
+
+    def row_lengths(self) -> Tensor:
+        """``[B]`` memory positions of each row."""
+        lengths = self.pool.lengths[self.index.clamp(min=0)]
+        return torch.where(self.index >= 0, lengths, 0).sum(dim=1)
+
+
+class MemorySource(Protocol):
+    """What `inject` accepts: a `MemoryBank`, a `KVPool`, or anything with these members."""
+    num_slots: int
+
+    def validate(self, model) -> None: ...
+
+    def version(self) -> tuple[int, ...]: ...
+
+    def memory_for(self, model, index: Tensor) -> Memory: ...
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _check_grad_mode(needs_grad: bool) -> None:
+    if needs_grad and not torch.is_grad_enabled():
+        raise ValueError("memory gradients would be lost: a layer ran without autograd (reentrant gradient "
+                         "checkpointing); use non-reentrant checkpointing (use_reentrant=False, transformers' "
+                         "default)")
+
+
+@dataclass(frozen=True)
+class InjectionContext:
+    """The attention handler for one forward: every layer attends to ``memory`` before its own keys.
+
+    key_start: ``[B]`` or None; own keys ``j < key_start[b]`` are left padding and invisible.
+    longest_memory: the most memory positions of any row (checked against sliding windows).
+    needs_grad: whether the memory expects gradients (autograd must be on inside the layers).
+    """
+    memory: Memory
+    key_start: Tensor | None
+    longest_memory: int
+    needs_grad: bool = False
+
+    def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask, *,
+               scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+               **kwargs) -> tuple[Tensor, None]:
+        """query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``; the 4-D mask is unused."""
+        _check_grad_mode(self.needs_grad)
+        if dropout:
+            raise ValueError(f"attention dropout ({dropout}) is not supported with memory; use model.eval() "
+                             "or set config.attention_dropout = 0")
+        if sliding_window is not None:
+            longest = self.longest_memory + key.shape[2]
+            if longest > sliding_window:
+                raise ValueError(f"memory plus keys ({longest} positions) exceed layer {module.layer_idx}'s "
+                                 f"sliding window of {sliding_window}")
+        pool_keys, pool_values = self.memory.pool.layers[module.layer_idx]
+        out = prefix_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                               pool_keys.to(query.dtype), pool_values.to(query.dtype), self.memory.index,
+                               self.memory.pool.lengths, causal=True, softmax_scale=scaling,
+                               key_start=self.key_start)
+        return out, None
+
+
+@dataclass
+class KVRecorder:
+    """An attention handler that keeps each layer's keys and values, then runs the original attention."""
+    needs_grad: bool
+    keys: dict[int, Tensor] = field(default_factory=dict)
+    values: dict[int, Tensor] = field(default_factory=dict)
+
+    def attend(self, original, module, query, key, value, attention_mask, **kwargs):
+        _check_grad_mode(self.needs_grad)
+        self.keys[module.layer_idx], self.values[module.layer_idx] = key, value
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    def pool(self, lengths: Tensor) -> KVPool:
+        """The recorded ``[S, Hkv, P, D]`` states as a pool ``[S, P, Hkv, D]`` per layer."""
+        return KVPool(tuple((self.keys[i].transpose(1, 2), self.values[i].transpose(1, 2))
+                            for i in sorted(self.keys)), lengths)
+
+
+def soft_prompt_memory(model, prompts: Tensor, lengths: Tensor, index: Tensor, with_logits: bool) -> Memory:
+    """Soft prompts as a pool: run the model once per distinct slot sequence among the rows.
+
+    prompts ``[S, P, hidden]``, lengths ``[S]``, index ``[B, M]`` (-1 = none). A row's memory is its slots'
+    first ``lengths[s]`` vectors, concatenated in order; since they come first and attention is causal,
+    their keys and values depend on nothing else, so each distinct sequence runs once (right padded,
+    positions from 0) and rows attend to the result as a prefix. with_logits: also return the logits at
+    each row's last memory position (needed for the loss).
+    """
+    slot_lengths = lengths.tolist()
+    sequences: dict[tuple[int, ...], int] = {}
+    row_sequence = []
+    for row in index.tolist():
+        sequence = tuple(slot for slot in row if slot >= 0 and slot_lengths[slot] > 0)
+        row_sequence.append(sequences.setdefault(sequence, len(sequences)) if sequence else -1)
+    device = prompts.device
+    row_index = torch.tensor(row_sequence, dtype=torch.long, device=device)[:, None]
+    if not sequences:
+        shape = model_shape(model)
+        empty = prompts.new_zeros((1, 1, shape.num_kv_heads, shape.head_dim))
+        pool = KVPool(((empty, empty),) * shape.num_layers, torch.zeros(1, dtype=torch.long, device=device))
+        return Memory(pool, row_index)
+
+    prompt_len = prompts.shape[1]
+    flat_positions = [[slot * prompt_len + p for slot in sequence for p in range(slot_lengths[slot])]
+                      for sequence in sequences]
+    sequence_lengths = torch.tensor([len(p) for p in flat_positions], dtype=torch.long, device=device)
+    longest = int(sequence_lengths.max())
+    gather = torch.tensor([p + [0] * (longest - len(p)) for p in flat_positions], dtype=torch.long, device=device)
+    valid = torch.arange(longest, device=device) < sequence_lengths[:, None]
+    embeds = prompts.reshape(-1, prompts.shape[-1])[gather].to(model.dtype)   # [U, L, hidden]
+    last = sequence_lengths - 1
+    kept = last.unique()                                  # logits only where some sequence ends
+
+    recorder = KVRecorder(_needs_grad([prompts]))
+    out = model(inputs_embeds=embeds, attention_mask=valid.long(), use_cache=False,
+                logits_to_keep=kept if with_logits else 1, **{CONTEXT_KEYWORD: recorder})
+    lead_logits = None
+    if with_logits:
+        sequence_logits = out.logits[torch.arange(len(sequences), device=device), torch.searchsorted(kept, last)]
+        lead_logits = sequence_logits[row_index[:, 0].clamp(min=0)]
+    return Memory(recorder.pool(sequence_lengths), row_index, lead_logits)
+
+
+def _key_start(attention_mask: Tensor | None, batch: int, key_len: int) -> Tensor | None:
+    """Leading padding of each row of a 2-D mask ``[B, past + T]``; ValueError for any other layout."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, key_len):
+        raise ValueError(f"memory injection needs a 2-D attention_mask [batch, past + new tokens] = "
+                         f"[{batch}, {key_len}]; got {tuple(attention_mask.shape)}")
+    valid = attention_mask.bool()
+    start = (~valid).long().cumprod(dim=1).sum(dim=1)
+    positions = torch.arange(key_len, device=valid.device)
+    expected = (positions >= start[:, None]) & (positions < (start + valid.sum(dim=1))[:, None])
+    if not torch.equal(valid, expected):
+        raise ValueError("with memory, each attention_mask row must be one run of ones (left and/or right "
+                         "padding only)")
+    return start
+
+
+def _position_ids(position_ids: Tensor | None, attention_mask: Tensor | None, past: int, new: int,
+                  row_lengths: Tensor) -> Tensor:
+    """``[B, T]`` positions of the new tokens as if each row ran alone, shifted by its memory length."""
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
+        else:
+            position_ids = torch.arange(past, past + new, device=row_lengths.device)[None]
+    elif attention_mask is None and past == 0 and bool((position_ids.diff(dim=-1) != 1).any()):
+        raise ValueError("packed sequences (position_ids restarting inside a row) are not supported with memory")
+    return position_ids + row_lengths[:, None]
+
+
+_INJECTING: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _Injection:
+    """The forward hooks of one `inject` block."""
+
+    def __init__(self, model, source: MemorySource, index: Tensor, expand: int):
+        self.model, self.source, self.index, self.expand = model, source, index, expand
+        self.parameter_names = list(inspect.signature(model.forward).parameters)
+        self.cached: tuple[tuple, Memory] | None = None
+        self.pending: tuple[InjectionContext, Tensor, bool] | None = None
+
+    def memory(self, index: Tensor) -> Memory:
+        """The batch's memory; without autograd it is built once per block and source version."""
+        if torch.is_grad_enabled():
+            return self.source.memory_for(self.model, index)
+        key = self.source.version() + (index.shape[0],)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = (key, self.source.memory_for(self.model, index))
+        return self.cached[1]
+
+    def before_forward(self, module, args, kwargs):
+        if CONTEXT_KEYWORD in kwargs:   # a forward fastmem itself started (soft-prompt pass)
+            return None
+        self.pending = None
+        kwargs = {**dict(zip(self.parameter_names, args)), **kwargs}
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("memory injection needs input_ids or inputs_embeds")
+        batch, new = tokens.shape[:2]
+        if batch != self.index.shape[0] * self.expand:
+            raise ValueError(f"memory index has {self.index.shape[0]} rows (x expand={self.expand}) but the batch "
+                             f"has {batch}")
+        self.source.validate(self.model)
+        memory = self.memory(self.index.repeat_interleave(self.expand, dim=0))
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = kwargs.get("attention_mask")
+        key_start = _key_start(attention_mask, batch, past + new)
+        row_lengths = memory.row_lengths()
+        kwargs["position_ids"] = _position_ids(kwargs.get("position_ids"), attention_mask, past, new, row_lengths)
+        tensors = [t for pair in memory.pool.layers for t in pair]
+        context = InjectionContext(memory, key_start, int(row_lengths.max()), _needs_grad(tensors))
+        kwargs[CONTEXT_KEYWORD] = context
+        if kwargs.get("labels") is not None:
+            self.pending = (context, past, kwargs.pop("labels"), kwargs.get("return_dict", True))
+            kwargs["return_dict"] = True
+        return (), kwargs
+
+    def after_forward(self, module, args, kwargs, output):
+        if self.pending is None or kwargs.get(CONTEXT_KEYWORD) is not self.pending[0]:
+            return None
+        context, past, labels, return_dict = self.pending
+        self.pending = None
+        output.loss = self.loss(context, past, output.logits, labels, kwargs.get("num_items_in_batch"))
+        return output if return_dict else output.to_tuple()
+
+    def loss(self, context: InjectionContext, past: int, logits: Tensor, labels: Tensor,
+             num_items_in_batch) -> Tensor:
+        """The model's own loss, with each row's first real token predicted as if the row ran alone.
+
+        logits ``[B, T, V]``, labels ``[B, T]`` (the new tokens after ``past`` cached ones). Position t
+        predicts ``labels[:, t + 1]`` as usual, except for each row's first real token
+        (``labels[b, key_start[b]]``): the last memory position predicts it for soft prompts (as in
+        PEFT's prompt tuning); nothing does for prefixes or rows without memory (as in PEFT's prefix
+        tuning and a plain model). So left padding never predicts a real token.
+        """
+        batch, length = labels.shape
+        starts = (context.key_start if context.key_start is not None else labels.new_zeros(batch)) - past
+        positions = torch.arange(length + 1, device=labels.device)
+        is_first = positions == starts[:, None]                        # [B, T + 1]: full position of labels[s]
+        lead = context.memory.lead_logits
+        has_lead = context.memory.row_lengths() > 0 if lead is not None else torch.zeros_like(is_first[:, 0])
+        full_logits = torch.cat([logits[:, :1], logits], dim=1)          # full_logits[t] predicts labels[t]
+        if lead is not None:
+            full_logits = torch.where((is_first & has_lead[:, None])[..., None], lead[:, None].to(logits.dtype),
+                                      full_logits)
+        full_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels], dim=1)
+        unpredicted = (positions == starts[:, None] + 1) & ~has_lead[:, None]
+        full_labels = full_labels.masked_fill(unpredicted, IGNORE_INDEX)
+        return self.model.loss_function(logits=full_logits, labels=full_labels,
+                                        vocab_size=self.model.config.vocab_size,
+                                        num_items_in_batch=num_items_in_batch)
+
+
+def _checked_index(index, num_slots: int, device) -> Tensor:
+    """``[B]`` or ``[B, M]`` integer slot ids in ``[-1, num_slots)`` -> ``[B, M]`` long on ``device``."""
+    if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype.is_complex \
+            or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor [B] or [B, M]; got {type(index).__name__} "
+                        f"{getattr(index, 'dtype', '')}")
+    if index.dim() not in (1, 2) or index.shape[0] == 0:
+        raise ValueError(f"index must be [B] or [B, M] with B >= 1; got shape {tuple(index.shape)}")
+    index = (index[:, None] if index.dim() == 1 else index).to(device=device, dtype=torch.long)
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= num_slots):
+        bad = sorted({v for v in index.flatten().tolist() if not -1 <= v < num_slots})
+        raise IndexError(f"index holds slots {bad}, outside [-1, {num_slots}) for a memory of {num_slots} slots")
+    return index
+
+
+@contextlib.contextmanager
+def inject(model, memory: MemorySource, index: Tensor, *, expand: int = 1):
+    """Run ``model`` (patched with `fastmem.patch`) with memory, inside a ``with`` block.
+
+    memory: a `MemoryBank` (or a `KVPool`). index: integer ``[B]`` or ``[B, M]``; row b reads slots
+    ``index[b]`` in order (``-1`` = none). expand: each index row serves ``expand`` consecutive batch rows,
+    as ``generate`` lays them out for ``num_return_sequences`` / ``num_beams``.
+
+    Inside the block, ``model(...)`` and ``model.generate(...)`` behave for every row as if it ran alone
+    with its memory in front. ``out.logits`` is ``[B, T, V]``: the real tokens only (PEFT's prompt tuning
+    returns ``[B, P + T, V]``, virtual positions first); at left-padding positions its values are
+    unspecified. ``out.loss`` equals PEFT's: for soft prompts it also counts predicting each row's first
+    real token from the last memory position; see `_Injection.loss`. Explicit ``position_ids`` are
+    taken as positions without memory and shifted by the row's memory length. Without autograd (as in
+    ``generate``) a soft-prompt bank is run once per block while the bank is unchanged. Checks (before computing
+    anything): model patched, index integer and in range, memory made for this model and finite; the
+    batch size is checked at each forward.
+    """
+    if original_implementation(model) is None:
+        raise ValueError(f"{type(model).__name__} is not patched; call fastmem.patch(model) first")
+    if model in _INJECTING:
+        raise ValueError("fastmem.inject blocks on one model cannot be nested")
+    if not isinstance(expand, int) or expand < 1:
+        raise ValueError(f"expand must be a positive int; got {expand!r}")
+    memory.validate(model)
+    index = _checked_index(index, memory.num_slots, model.device)
+    injection = _Injection(model, memory, index, expand)
+    handles = [model.register_forward_pre_hook(injection.before_forward, with_kwargs=True),
+               model.register_forward_hook(injection.after_forward, with_kwargs=True)]
+    _INJECTING.add(model)
+    try:
+        yield model
+    finally:
+        _INJECTING.discard(model)
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,256 @@
+"""`MemoryBank`: many trainable memories for one model, one per slot.
+
+Two kinds, both made from the model they serve:
+
+- ``MemoryBank.soft_prompts(model, slots=S, length=P)``: ``embeddings [S, P, hidden]``, placed before a
+  row's input embeddings (prompt tuning; experiential latent memories).
+- ``MemoryBank.prefixes(model, slots=S, length=P)``: ``keys`` and ``values [L, S, P, Hkv, D]``, extra keys
+  and values at every layer (prefix tuning; ReasonCACHE).
+
+``lengths [S]`` holds each slot's valid positions (P unless an adapter with fewer tokens was loaded).
+The bank's parameters are its only trainable tensors; pass them to the optimizer. ``bank.save(path)``
+writes safetensors with a JSON header (kind, model shape); ``MemoryBank.load(path, model)`` checks both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import ClassVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fastmem.hf.architectures import ModelShape, model_shape
+from fastmem.hf.inject import KVPool, Memory, soft_prompt_memory
+from fastmem.hf.peft_adapters import PromptAdapter, read_prompt_adapter
+
+FORMAT = "fastmem.MemoryBank"
+FORMAT_VERSION = 1
+HEADER_KEY = "fastmem"
+
+
+class MemoryBank(nn.Module):
+    """S memory slots of at most P positions for models of one shape (see the module docstring)."""
+
+    kind: ClassVar[str]
+    peft_type: ClassVar[str]
+    SLOT_DIM: ClassVar[int]          # the slot dimension of every parameter; positions follow it
+    KINDS: ClassVar[dict[str, type["MemoryBank"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MemoryBank.KINDS[cls.kind] = cls
+
+    def __init__(self, shape: ModelShape, lengths: Tensor, tensors: dict[str, Tensor]):
+        super().__init__()
+        self.model_shape = shape
+        self.register_buffer("lengths", lengths.long())
+        for name, tensor in tensors.items():
+            self.register_parameter(name, nn.Parameter(tensor))
+        self._checked_version: tuple | None = None
+
+    @classmethod
+    def tensor_shapes(cls, shape: ModelShape, slots: int, length: int) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of each parameter of a bank of this kind."""
+        raise NotImplementedError
+
+    @classmethod
+    def initial_tensors(cls, model, shape: ModelShape, slots: int, length: int,
+                        dtype: torch.dtype) -> dict[str, Tensor]:
+        """Name -> initial value of each parameter."""
+        raise NotImplementedError
+
+    def adapter_tensors(self, adapter: PromptAdapter) -> dict[str, Tensor]:
+        """Name -> the adapter's values for one slot's first n positions (ValueError if it does not fit)."""
+        raise NotImplementedError
+
+    def memory_for(self, model, index: Tensor) -> Memory:
+        """The `Memory` a batch with slot ids ``index [B, M]`` attends to."""
+        raise NotImplementedError
+
+    @classmethod
+    def _create(cls, model, slots: int, length: int, dtype: torch.dtype | None) -> "MemoryBank":
+        if not (isinstance(slots, int) and isinstance(length, int) and slots > 0 and length > 0):
+            raise ValueError(f"slots and length must be positive ints; got slots={slots!r}, length={length!r}")
+        shape = model_shape(model)
+        tensors = cls.initial_tensors(model, shape, slots, length, dtype or model.dtype)
+        return cls(shape, torch.full((slots,), length, dtype=torch.long, device=model.device), tensors)
+
+    @classmethod
+    def soft_prompts(cls, model, slots: int, length: int, dtype: torch.dtype | None = None) -> "SoftPromptBank":
+        """S soft prompts ``[S, P, hidden]``, initialized from the embeddings of random vocabulary tokens."""
+        return SoftPromptBank._create(model, slots, length, dtype)
+
+    @classmethod
+    def prefixes(cls, model, slots: int, length: int, dtype: torch.dtype | None = None) -> "PrefixBank":
+        """S prefixes: keys and values ``[L, S, P, Hkv, D]``, initialized from N(0, 1) as PEFT does."""
+        return PrefixBank._create(model, slots, length, dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def length(self) -> int:
+        """P, the most positions a slot can hold."""
+        return next(self.parameters()).shape[self.SLOT_DIM + 1]
+
+    def version(self) -> tuple[int, ...]:
+        """Changes whenever a parameter or the lengths change (in place or replaced)."""
+        return tuple(v for t in (*self.parameters(), self.lengths) for v in (t.data_ptr(), t._version))
+
+    def validate(self, model) -> None:
+        """ValueError unless the bank fits ``model`` (shape, device) and every value is finite."""
+        mismatches = self.model_shape.mismatches(model_shape(model))
+        if mismatches:
+            raise ValueError(f"this {self.kind} bank was made for another model ({'; '.join(mismatches)}; "
+                             "bank vs model)")
+        if self.lengths.device != model.device:
+            raise ValueError(f"the bank is on {self.lengths.device} but the model on {model.device}; "
+                             "move it with bank.to(model.device)")
+        if self._checked_version == self.version():
+            return
+        nonfinite = [(~torch.isfinite(p)).movedim(self.SLOT_DIM, 0).flatten(1).any(dim=1) for p in self.parameters()]
+        bad_slots = torch.stack(nonfinite).any(dim=0).nonzero().flatten().tolist()
+        if bad_slots:
+            raise ValueError(f"memory slots {bad_slots} hold non-finite values (NaN or inf)")
+        self._checked_version = self.version()
+
+    def slot_selector(self, slot: int, positions: int | None = None) -> tuple:
+        """Index selecting ``slot`` (its first ``positions`` positions) of every parameter: ``bank.keys[sel]``."""
+        return (slice(None),) * self.SLOT_DIM + (slot, slice(positions))
+
+    def load_peft(self, peft_model_or_dir, slot: int, adapter_name: str | None = None) -> "MemoryBank":
+        """Copy a PEFT adapter (a `PeftModel` or a saved adapter directory) into ``slot``; returns self.
+
+        Soft-prompt banks take prompt tuning, prefix banks prefix tuning (projections applied). An adapter
+        of n <= P virtual tokens fills the slot's first n positions (the rest are zeroed) and sets
+        ``lengths[slot] = n``.
+        """
+        if not (isinstance(slot, int) and 0 <= slot < self.num_slots):
+            raise IndexError(f"slot {slot!r} outside [0, {self.num_slots})")
+        adapter = read_prompt_adapter(peft_model_or_dir, adapter_name)
+        if adapter.peft_type != self.peft_type:
+            raise ValueError(f"a {self.kind} bank loads {self.peft_type} adapters, not {adapter.peft_type}")
+        if adapter.num_transformer_submodules != 1:
+            raise ValueError("only decoder-only adapters (num_transformer_submodules=1) can be loaded")
+        if adapter.num_virtual_tokens > self.length:
+            raise ValueError(f"the adapter has {adapter.num_virtual_tokens} virtual tokens but slots hold "
+                             f"{self.length}")
+        values = self.adapter_tensors(adapter)
+        with torch.no_grad():
+            for name, value in values.items():
+                parameter = getattr(self, name)
+                parameter[self.slot_selector(slot)] = 0
+                parameter[self.slot_selector(slot, adapter.num_virtual_tokens)] = value.to(parameter)
+            self.lengths[slot] = adapter.num_virtual_tokens
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the bank to ``path``: safetensors, with a JSON header (kind, slots, length, model shape)."""
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "slots": self.num_slots,
+                  "length": self.length, "model": self.model_shape.as_dict()}
+        tensors = {name: p.detach().contiguous() for name, p in self.named_parameters()}
+        save_file({**tensors, "lengths": self.lengths.contiguous()}, os.fspath(path),
+                  metadata={HEADER_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> "MemoryBank":
+        """A bank saved by `save`, checked against ``model``, on the model's device, bit-exact.
+
+        ValueError for a truncated or foreign file, or a bank saved for a model of another shape; nothing
+        is built until every check has passed.
+        """
+        try:
+            with safe_open(os.fspath(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read memory bank {path}: {error}") from None
+        try:
+            header = json.loads(metadata[HEADER_KEY])
+            kind_class = cls.KINDS[header["kind"]]
+            saved_shape = ModelShape(**header["model"])
+            slots, length = int(header["slots"]), int(header["length"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path} is not a fastmem memory bank (metadata {metadata})") from None
+        if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported format {header.get('format')!r} version {header.get('version')!r}")
+        mismatches = saved_shape.mismatches(model_shape(model))
+        if mismatches:
+            raise ValueError(f"{path} was saved for another model ({'; '.join(mismatches)}; file vs model)")
+        expected = {**kind_class.tensor_shapes(saved_shape, slots, length), "lengths": (slots,)}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if found != expected:
+            raise ValueError(f"{path}: tensors {found} do not match a {kind_class.kind} bank {expected}")
+        lengths = tensors.pop("lengths")
+        if lengths.dtype.is_floating_point or int(lengths.min()) < 0 or int(lengths.max()) > length:
+            raise ValueError(f"{path}: lengths must be integers in [0, {length}]")
+        return kind_class(saved_shape, lengths.to(model.device),
+                          {name: t.to(model.device) for name, t in tensors.items()})
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, slots={self.num_slots}, length={self.length}, "
+                f"model={self.model_shape.as_dict()}")
+
+
+class SoftPromptBank(MemoryBank):
+    """Soft prompts: ``embeddings [S, P, hidden]``; a row's memory is its slots' vectors, concatenated."""
+
+    kind = "soft_prompt"
+    peft_type = "PROMPT_TUNING"
+    SLOT_DIM = 0
+
+    @classmethod
+    def tensor_shapes(cls, shape, slots, length):
+        return {"embeddings": (slots, length, shape.hidden_size)}
+
+    @classmethod
+    def initial_tensors(cls, model, shape, slots, length, dtype):
+        token_ids = torch.randint(model.config.vocab_size, (slots, length), device=model.device)
+        with torch.no_grad():
+            return {"embeddings": model.get_input_embeddings()(token_ids).to(dtype)}
+
+    def adapter_tensors(self, adapter):
+        if adapter.token_dim != self.model_shape.hidden_size:
+            raise ValueError(f"the adapter's token_dim {adapter.token_dim} differs from the model's hidden size "
+                             f"{self.model_shape.hidden_size}")
+        return {"embeddings": adapter.weights[:adapter.num_virtual_tokens]}
+
+    def memory_for(self, model, index):
+        return soft_prompt_memory(model, self.embeddings, self.lengths, index, with_logits=True)
+
+
+class PrefixBank(MemoryBank):
+    """Prefixes: ``keys``, ``values [L, S, P, Hkv, D]``, attended to at every layer before the row's keys."""
+
+    kind = "prefix"
+    peft_type = "PREFIX_TUNING"
+    SLOT_DIM = 1
+
+    @classmethod
+    def tensor_shapes(cls, shape, slots, length):
+        size = (shape.num_layers, slots, length, shape.num_kv_heads, shape.head_dim)
+        return {"keys": size, "values": size}
+
+    @classmethod
+    def initial_tensors(cls, model, shape, slots, length, dtype):
+        return {name: torch.randn(size, dtype=dtype, device=model.device)
+                for name, size in cls.tensor_shapes(shape, slots, length).items()}
+
+    def adapter_tensors(self, adapter):
+        shape = self.model_shape
+        expected = (shape.num_layers, shape.num_kv_heads, shape.num_kv_heads * shape.head_dim)
+        found = (adapter.num_layers, adapter.num_attention_heads, adapter.token_dim)
+        if found != expected:
+            raise ValueError(f"the adapter's (num_layers, num_attention_heads, token_dim) = {found} do not match "
+                             f"the model's (layers, KV heads, KV heads x head dim) = {expected}")
+        per_layer = adapter.weights.reshape(adapter.num_virtual_tokens, shape.num_layers, 2, shape.num_kv_heads,
+                                            shape.head_dim).transpose(0, 1)         # [L, n, 2, Hkv, D]
+        return {"keys": per_layer[:, :, 0], "values": per_layer[:, :, 1]}
+
+    def memory_for(self, model, index):
+        pool = KVPool(tuple(zip(self.keys.unbind(0), self.values.unbind(0))), self.lengths)
+        return Memory(pool, index)
