@@ -88,14 +88,22 @@ class MemoryStore:
         self.metadata.append(entry)
         return entry["id"]
 
-    def update(self, entry_id: int, memory: Tensor | None = None, **metadata) -> None:
-        """Replace an entry's memory and/or merge new metadata into it."""
+    def key(self, entry_id: int) -> Tensor:
+        """The key ``[d]`` of entry ``entry_id``."""
+        return self.keys[self._row(entry_id)]
+
+    def update(self, entry_id: int, memory: Tensor | None = None, key: Tensor | None = None,
+               **metadata) -> None:
+        """Replace an entry's memory and/or key, and merge new metadata into it (all checked first)."""
         row = self._row(entry_id)
-        if memory is not None:
-            if memory.shape != self.memories.shape[1:] or not torch.isfinite(memory).all():
-                raise ValueError(f"memory must be finite and shaped {tuple(self.memories.shape[1:])}")
-            self.memories[row] = memory.detach().to(self.memories.device)
+        if memory is not None and (memory.shape != self.memories.shape[1:] or not torch.isfinite(memory).all()):
+            raise ValueError(f"memory must be finite and shaped {tuple(self.memories.shape[1:])}")
+        key = None if key is None else _as_key(key, self.keys.shape[1])
         json.dumps(metadata)
+        if memory is not None:
+            self.memories[row] = memory.detach().to(self.memories.device)
+        if key is not None:
+            self.keys[row] = key.to(self.keys.device)
         self.metadata[row].update({k: v for k, v in metadata.items() if k != "id"})
 
     def record_hits(self, entry_ids) -> None:
@@ -134,7 +142,7 @@ class MemoryStore:
         if len(self) == 0 or len(queries) == 0:
             return scores, ids
         found = min(k, len(self))
-        if _faiss() is not None and len(self) >= FAISS_MIN_ENTRIES:
+        if len(self) >= FAISS_MIN_ENTRIES and _faiss() is not None:   # importing faiss takes seconds
             top_scores, top_rows = _faiss_search(self.keys, queries, found)
         else:
             similarity = _normalized(queries.to(self.keys.device)) @ _normalized(self.keys).T

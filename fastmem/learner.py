@@ -1,0 +1,266 @@
+"""`OnlineLearner`: retrieve, sample, vote, distill, store — test-time learning without labels.
+
+Per batch of questions:
+
+1. Embed each question (default: the base model's mean-pooled last hidden states, no memory) and
+   retrieve the ``top_k`` most similar stored memories (cosine).
+2. Start each question's new memory from what was retrieved: in ``memory="problem"`` mode the
+   similarity-weighted mean of the retrieved memories at least ``min_similarity`` similar; in
+   ``memory="cluster"`` mode the memory of the nearest cluster at least ``cluster_similarity``
+   similar. Nothing similar enough: a fresh memory.
+3. Sample ``n`` answers: ``n - control`` with the retrieved memory when its gate is open, and
+   ``control`` without memory. The gate (label-free): a memory stays in use while, over the batches
+   that used it, its samples agreed with the majority vote at least as often as the control samples
+   did; after ``gate_trials`` uses with a lower agreement it closes and is no longer used (it may
+   still train). Extract each answer and take the majority vote (math-verify equivalence).
+4. Train the new memories ``steps`` Adam steps, all questions in one batched step per step
+   (`MemoryTrainer`): ``sft`` on the majority-consistent traces, or ``reinforce`` with the 0/1
+   majority reward.
+5. Store: ``problem`` mode adds one entry per question; ``cluster`` mode writes the trained memory
+   back into its cluster (the mean over the batch's questions of that cluster; the cluster key is
+   the running mean of its members' keys) or opens a new cluster. Metadata: question(s), majority
+   answer, vote share, step, hits, gate statistics.
+
+No label is ever seen: `solve` takes question strings only. The returned answer is the majority
+answer (``resample=True``: the majority of ``n`` new samples drawn with the trained memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastmem.memory import MemoryBank
+from fastmem.sampling import sample
+from fastmem.store import MemoryStore
+from fastmem.training import MemoryTrainer
+from fastmem.voting import answers_equivalent, majority_vote
+
+KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
+GRANULARITIES = ("problem", "cluster")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the learner answered for one question, and how.
+
+    answer: the majority answer (None when no sample had one); vote_share: its share of the samples.
+    memory_id: the store entry this question trained (its own entry, or its cluster's).
+    retrieved: store ids the new memory started from; used_memory: whether samples drew on it.
+    samples / answers: every sample's text and extracted answer (memory samples first, then control).
+    """
+    question: str
+    answer: str | None
+    vote_share: float
+    memory_id: int
+    retrieved: list[int]
+    used_memory: bool
+    samples: list[str]
+    answers: list[str | None]
+    memory_samples: int = field(default=0)
+
+
+class OnlineLearner:
+    """Learns from a stream of questions by distilling majority-voted samples into stored memories.
+
+    model: a Hugging Face causal LM (patched here with `fastmem.patch` and frozen); tokenizer: its
+    tokenizer; store: a `MemoryStore`. n: samples per question; steps: Adam steps per batch; top_k:
+    memories retrieved; kind: "soft_prompt" or "prefix"; memory: "cluster" or "problem". The
+    remaining keywords are documented in the module docstring; ``extract_answer`` maps a sample's
+    text to its final answer (None when absent), ``equivalent`` compares two answers, ``embed_fn``
+    maps a list of questions to keys ``[B, d]``.
+    """
+
+    def __init__(self, model, tokenizer, store: MemoryStore, n: int = 8, steps: int = 4, top_k: int = 2,
+                 kind: str = "soft_prompt", memory: str = "cluster", *, length: int = 8, lr: float = 1e-3,
+                 objective: str = "sft", temperature: float = 1.0, max_new_tokens: int = 96,
+                 control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
+                 cluster_similarity: float = 0.9, resample: bool = False, batch_size: int = 16,
+                 extract_answer: Callable[[str], str | None] | None = None,
+                 equivalent: Callable[[str, str], bool] = answers_equivalent,
+                 embed_fn: Callable[[list[str]], Tensor] | None = None, seed: int = 0):
+        import fastmem
+
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        if memory not in GRANULARITIES:
+            raise ValueError(f"memory must be one of {', '.join(GRANULARITIES)}; got {memory!r}")
+        if not 0 <= control < n:
+            raise ValueError(f"control must lie in [0, n={n}); got {control}")
+        if steps < 0 or top_k < 1 or batch_size < 1 or length < 1:
+            raise ValueError("need steps >= 0, top_k >= 1, batch_size >= 1 and length >= 1")
+        self.model = fastmem.patch(model).requires_grad_(False)
+        self.tokenizer, self.store = tokenizer, store
+        self.n, self.steps, self.top_k, self.kind, self.memory = n, steps, top_k, kind, memory
+        self.length, self.lr, self.objective = length, lr, objective
+        self.temperature, self.max_new_tokens, self.control = temperature, max_new_tokens, control
+        self.gate_trials, self.min_similarity = gate_trials, min_similarity
+        self.cluster_similarity, self.resample, self.batch_size = cluster_similarity, resample, batch_size
+        self.extract_answer = extract_answer or _default_extractor()
+        self.equivalent = equivalent
+        self.embed_fn = embed_fn or self.embed
+        self.seed, self.batches_done = seed, 0
+
+    @torch.no_grad()
+    def embed(self, questions: list[str]) -> Tensor:
+        """Mean-pooled last hidden states of the base model (no memory): ``[B, hidden]`` fp32."""
+        batch = self.tokenizer(questions, return_tensors="pt", padding=True).to(self.model.device)
+        hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1].float()
+        mask = batch.attention_mask[..., None].float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    def solve(self, questions: Sequence[str], progress: Callable[[int], None] | None = None) -> list[Result]:
+        """Answer ``questions`` in order, learning as it goes; ``progress(k)`` is called after each batch."""
+        if isinstance(questions, str) or not all(isinstance(q, str) and q for q in questions):
+            raise ValueError("questions must be a list of non-empty strings")
+        results: list[Result] = []
+        for start in range(0, len(questions), self.batch_size):
+            batch = list(questions[start:start + self.batch_size])
+            results += self._solve_batch(batch)
+            if progress is not None:
+                progress(len(batch))
+        return results
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def _solve_batch(self, questions: list[str]) -> list[Result]:
+        keys = self.embed_fn(questions).float()
+        scores, ids = self.store.search(keys, self.top_k)
+        plans = [self._plan(score_row, id_row) for score_row, id_row in zip(scores.tolist(), ids.tolist())]
+        bank = KINDS[self.kind](self.model, slots=len(questions), length=self.length)
+        bank.to(self.model.device)
+        for slot, plan in enumerate(plans):
+            if plan.start is not None:
+                _write_vector(bank, slot, plan.start)
+        prompts = [self.tokenizer(q)["input_ids"] for q in questions]
+        seed = self.seed * 1_000_003 + self.batches_done
+        uses = torch.tensor([slot if plan.use else -1 for slot, plan in enumerate(plans)])
+        treated = self._sample(prompts, bank, uses, self.n - self.control, seed)
+        control = self._sample(prompts, None, None, self.control, seed + 1) if self.control else [[] for _ in prompts]
+        samples = [t + c for t, c in zip(treated, control)]
+        answers = [[self.extract_answer(s.text) for s in row] for row in samples]
+        votes = [majority_vote(row, self.equivalent) for row in answers]
+
+        trainer = MemoryTrainer(self.model, bank, lr=self.lr, objective=self.objective)
+        traces = [[s.token_ids for s in row] for row in samples]
+        rewards = [[float(agrees) for agrees in vote.agrees] for vote in votes]
+        for _ in range(self.steps):
+            trainer.step(prompts, traces, rewards, list(range(len(questions))))
+        if self.resample:
+            fresh = self._sample(prompts, bank, torch.arange(len(questions)), self.n, seed + 2)
+            votes = [majority_vote([self.extract_answer(s.text) for s in row], self.equivalent) for row in fresh]
+
+        memory_ids = self._store(questions, keys, bank, plans, votes, answers)
+        self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
+        self.batches_done += 1
+        return [Result(question=q, answer=vote.answer, vote_share=vote.share, memory_id=memory_id,
+                       retrieved=plan.retrieved, used_memory=plan.use, samples=[s.text for s in row],
+                       answers=row_answers, memory_samples=self.n - self.control)
+                for q, vote, memory_id, plan, row, row_answers
+                in zip(questions, votes, memory_ids, plans, samples, answers)]
+
+    def _sample(self, prompts, bank, index, n, seed):
+        kwargs = dict(bank=bank, index=index) if bank is not None and bool((index >= 0).any()) else {}
+        return sample(self.model, prompts, n=n, max_new_tokens=self.max_new_tokens,
+                      temperature=self.temperature, seed=seed, tokenizer=self.tokenizer,
+                      eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+
+    def _plan(self, scores: list[float], ids: list[int]) -> "_Plan":
+        """Where one question's memory starts, and whether its samples use it."""
+        found = [(s, i) for s, i in zip(scores, ids) if i >= 0]
+        if self.memory == "cluster":
+            if found and found[0][0] >= self.cluster_similarity:
+                cluster = found[0][1]
+                return _Plan(self.store.get(cluster)[0], [cluster], self._gate_open(cluster), cluster)
+            return _Plan(None, [], False, None)
+        similar = [(s, i) for s, i in found if s >= self.min_similarity]
+        if not similar:
+            return _Plan(None, [], False, None)
+        weights = torch.tensor([s for s, _ in similar])
+        memories = torch.stack([self.store.get(i)[0].float() for _, i in similar])
+        start = (memories * (weights / weights.sum()).view(-1, *[1] * (memories.dim() - 1))).sum(0)
+        return _Plan(start, [i for _, i in similar], all(self._gate_open(i) for _, i in similar), None)
+
+    def _gate_open(self, entry_id: int) -> bool:
+        meta = self.store.get(entry_id)[1]
+        trials = meta.get("gate_trials", 0)
+        return trials < self.gate_trials or meta.get("gate_gain", 0.0) >= 0
+
+    def _store(self, questions, keys, bank, plans, votes, answers) -> list[int]:
+        vectors = _read_vectors(bank)
+        gains = [_agreement_gain(vote, self.n - self.control) if plan.use else None
+                 for plan, vote in zip(plans, votes)]
+        ids: list[int] = []
+        for slot, (question, plan, vote) in enumerate(zip(questions, plans, votes)):
+            meta = dict(question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done)
+            if plan.cluster is None:
+                ids.append(self.store.add(keys[slot], vectors[slot], **meta, members=1))
+                if self.memory == "cluster":   # later questions of this batch may join the new cluster
+                    for later in range(slot + 1, len(plans)):
+                        if plans[later].cluster is None and torch.cosine_similarity(
+                                keys[slot], keys[later], dim=0) >= self.cluster_similarity:
+                            plans[later] = _Plan(None, [], False, ids[-1])
+                continue
+            ids.append(plan.cluster)
+        for cluster in {i for i, plan in zip(ids, plans) if plan.cluster is not None}:
+            self._update_cluster(cluster, [s for s, i in enumerate(ids) if i == cluster and plans[s].cluster is not None],
+                                 keys, vectors, votes, gains, questions)
+        return ids
+
+    def _update_cluster(self, cluster, slots, keys, vectors, votes, gains, questions) -> None:
+        """Fold this batch's trained memories of ``cluster`` into it; update key and statistics."""
+        _, meta = self.store.get(cluster)
+        members = meta.get("members", 1)
+        key = (self.store.key(cluster) * members + keys[slots].sum(0)) / (members + len(slots))
+        measured = [gains[s] for s in slots if gains[s] is not None]
+        trials = meta.get("gate_trials", 0) + len(measured)
+        gain = (meta.get("gate_gain", 0.0) * meta.get("gate_trials", 0) + sum(measured)) / max(trials, 1)
+        shares = [votes[s].share for s in slots]
+        self.store.update(cluster, memory=vectors[slots].mean(0), key=key, members=members + len(slots),
+                          vote_share=(meta["vote_share"] * members + sum(shares)) / (members + len(slots)),
+                          step=self.batches_done, gate_trials=trials, gate_gain=gain,
+                          last_question=questions[slots[-1]])
+
+
+@dataclass
+class _Plan:
+    start: Tensor | None        # the vector the new memory starts from (None: fresh)
+    retrieved: list[int]
+    use: bool                   # sample with it
+    cluster: int | None         # cluster mode: the cluster this question trains
+
+
+def _agreement_gain(vote, memory_samples: int) -> float | None:
+    """Agreement with the majority of the memory samples minus that of the control samples."""
+    treated, control = vote.agrees[:memory_samples], vote.agrees[memory_samples:]
+    if not treated or not control:
+        return None
+    return sum(treated) / len(treated) - sum(control) / len(control)
+
+
+def _read_vectors(bank: MemoryBank) -> Tensor:
+    """Every slot of the bank as one flat fp32 vector: ``[S, F]``."""
+    rows = bank.slot_rows(torch.arange(bank.num_slots, device=bank.lengths.device))
+    return torch.cat([row.movedim(bank.SLOT_DIM, 0).flatten(1).float() for row in rows.values()], dim=1)
+
+
+def _write_vector(bank: MemoryBank, slot: int, vector: Tensor) -> None:
+    """Overwrite ``slot`` of the bank with a flat vector laid out as `_read_vectors` makes it."""
+    slots = torch.tensor([slot], device=bank.lengths.device)
+    rows, offset = {}, 0
+    for name, row in bank.slot_rows(slots).items():
+        per_slot = row.movedim(bank.SLOT_DIM, 0)
+        size = per_slot[0].numel()
+        rows[name] = vector[offset:offset + size].reshape(per_slot.shape).movedim(0, bank.SLOT_DIM)
+        offset += size
+    if offset != vector.numel():
+        raise ValueError(f"a stored memory of {vector.numel()} values does not fit this bank's slots of {offset}")
+    bank.write_slot_rows(slots, rows)
+
+
+def _default_extractor() -> Callable[[str], str | None]:
+    from fastmem.data import extract_answer
+
+    return extract_answer
