@@ -8,6 +8,7 @@ import platform
 import torch
 
 import fastmem
+from fastmem.cli import add_run_arguments, run
 from fastmem.ops import backends
 
 
@@ -41,9 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastmem", description=fastmem.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, available backends and what auto picks")
+    run_parser = commands.add_parser("run", help="the online learner on a question stream (default: built-in)")
+    add_run_arguments(run_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
+    elif args.command == "run":
+        run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,240 @@
+"""``python -m fastmem run``: the online learner on a stream of questions, then an honest comparison.
+
+With no arguments it runs on the built-in default: the shipped tiny Llama and its tokenizer, and the
+built-in stream of synthetic multi-step problems (``--seed`` picks the stream). Answers, when the
+data has them, are used only to report accuracy, after learning, never during it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SUMMARY_ROWS = ("zero-shot pass@1", "greedy", "maj@N", "raw-trace ICL pass@1",
+                "fastmem pass@1 (stream)", "fastmem pass@1 (second half)", "fastmem maj@N (stream)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a local Hugging Face causal LM directory (default: the shipped tiny Llama)")
+    parser.add_argument("--data", help='JSONL, one {"question", "answer"?} per line (default: the built-in stream)')
+    parser.add_argument("--seed", type=int, default=0, help="built-in stream and sampling seed")
+    parser.add_argument("--limit", type=int, default=200, help="problems to solve (default 200)")
+    parser.add_argument("--n", type=int, default=8, help="samples per problem")
+    parser.add_argument("--steps", type=int, default=4, help="Adam steps per batch")
+    parser.add_argument("--kind", choices=("soft_prompt", "prefix"), default="soft_prompt")
+    parser.add_argument("--memory", choices=("problem", "cluster"), default="cluster")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--length", type=int, default=8, help="memory positions per slot")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--store", help="persist the memory store in this directory")
+    parser.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
+    parser.add_argument("--out", help="results JSONL, one line per problem")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the comparison table")
+
+
+def read_questions(args) -> list[dict]:
+    """The problems to solve; a malformed JSONL line is an error naming it, raised before any work."""
+    if args.data is None:
+        from fastmem.data import stream
+
+        return [{"question": p["question"], "answer": p["answer"]} for p in stream(args.seed, args.limit)]
+    problems = []
+    with open(args.data) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{args.data}:{number}: not valid JSON ({error.msg})")
+            if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"]:
+                raise SystemExit(f'{args.data}:{number}: expected an object with a non-empty "question" string')
+            if "answer" in record and not isinstance(record["answer"], (str, int, float)):
+                raise SystemExit(f'{args.data}:{number}: "answer" must be a string or a number')
+            problems.append({"question": record["question"],
+                             "answer": None if record.get("answer") is None else str(record["answer"])})
+    return problems[:args.limit]
+
+
+def load_model(path: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        from fastmem.data import load_default_model
+
+        return load_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval(), tokenizer
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal-approximation confidence interval."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, 1.96 * math.sqrt(variance / len(values))
+
+
+def run(args) -> dict:
+    from fastmem.learner import OnlineLearner
+    from fastmem.store import MemoryStore
+
+    problems = read_questions(args)
+    store = MemoryStore.load(args.store) if args.resume and args.store and (Path(args.store) / "store.json").exists() \
+        else MemoryStore(args.store)
+    out_path = Path(args.out) if args.out else None
+    done = _read_done(out_path) if args.resume else []
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            out_path.write_text("")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
+                            memory=args.memory, length=args.length, lr=args.lr, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    learner.batches_done = len(done) // args.batch_size
+    records = list(done)
+    started = time.perf_counter()
+    from tqdm import tqdm
+
+    todo = problems[len(done):]
+    try:
+        with tqdm(total=len(problems), initial=len(done), unit="problem", file=sys.stderr) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                chunk = todo[start:start + args.batch_size]
+                for problem, result in zip(chunk, learner.solve([p["question"] for p in chunk])):
+                    records.append(_record(problem, result, learner))
+                    if out_path is not None:
+                        with out_path.open("a") as handle:
+                            handle.write(json.dumps(records[-1]) + "\n")
+                bar.update(len(chunk))
+                if args.store:
+                    store.save()
+    except KeyboardInterrupt:
+        if args.store:
+            store.save()
+        print(f"\ninterrupted after {len(records)} problems; store saved"
+              + (f" to {args.store}; continue with --resume" if args.store else ""), file=sys.stderr)
+        raise SystemExit(130)
+    elapsed = time.perf_counter() - started
+    summary = {"problems": len(records), "problems_per_s": (len(records) - len(done)) / max(elapsed, 1e-9)}
+    if not args.no_baselines and all(p["answer"] is not None for p in problems):
+        summary.update(compare(learner, problems, records, args))
+    print_summary(summary, args)
+    return summary
+
+
+def _read_done(out_path: Path | None) -> list[dict]:
+    if out_path is None or not out_path.exists():
+        return []
+    return [json.loads(line) for line in out_path.read_text().splitlines() if line.strip()]
+
+
+def _record(problem: dict, result, learner) -> dict:
+    correct = None if problem["answer"] is None else [
+        a is not None and learner.equivalent(a, problem["answer"]) for a in result.answers]
+    return {"question": result.question, "answer": result.answer, "vote_share": result.vote_share,
+            "memory_id": result.memory_id, "retrieved": result.retrieved, "used_memory": result.used_memory,
+            "samples": result.samples, "answers": result.answers, "memory_samples": result.memory_samples,
+            "reference": problem["answer"], "sample_correct": correct,
+            "majority_correct": None if correct is None else (
+                result.answer is not None and learner.equivalent(result.answer, problem["answer"]))}
+
+
+def _accuracy(answers: list[list[str | None]], problems: list[dict], equivalent) -> list[float]:
+    return [sum(a is not None and equivalent(a, p["answer"]) for a in row) / len(row)
+            for row, p in zip(answers, problems)]
+
+
+def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
+    """Baselines on the same problems, same temperature and n, no memory; plus fastmem's own figures."""
+    from fastmem.sampling import sample
+    from fastmem.voting import majority_vote
+
+    tokenizer, model, equivalent = learner.tokenizer, learner.model, learner.equivalent
+    prompts = [tokenizer(p["question"])["input_ids"] for p in problems]
+
+    def answers_of(samples):
+        return [[learner.extract_answer(s.text) for s in row] for row in samples]
+
+    def draw(prompt_ids, n, temperature, seed):
+        return sample(model, prompt_ids, n=n, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                      seed=seed, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id)
+
+    zero_shot = answers_of(draw(prompts, args.n, 1.0, args.seed + 7))
+    greedy = answers_of(draw(prompts, 1, 0.0, args.seed))
+    majority = [[majority_vote(row, equivalent).answer] for row in zero_shot]
+    icl = answers_of(draw(icl_prompts(learner, problems, records), args.n, 1.0, args.seed + 11))
+    treated = [r["answers"][:r["memory_samples"]] for r in records]
+    half = len(problems) // 2
+    stream_pass = _accuracy(treated, problems, equivalent)
+    return {
+        "zero-shot pass@1": mean_and_interval(_accuracy(zero_shot, problems, equivalent)),
+        "greedy": mean_and_interval(_accuracy(greedy, problems, equivalent)),
+        "maj@N": mean_and_interval(_accuracy(majority, problems, equivalent)),
+        "raw-trace ICL pass@1": mean_and_interval(_accuracy(icl, problems, equivalent)),
+        "fastmem pass@1 (stream)": mean_and_interval(stream_pass),
+        "fastmem pass@1 (second half)": mean_and_interval(stream_pass[half:]),
+        "zero-shot pass@1 (second half)": mean_and_interval(_accuracy(zero_shot, problems, equivalent)[half:]),
+        "fastmem maj@N (stream)": mean_and_interval([float(r["majority_correct"]) for r in records]),
+    }
+
+
+def icl_prompts(learner, problems: list[dict], records: list[dict]) -> list[list[int]]:
+    """Each question preceded by the stored majority traces of its most similar earlier problems.
+
+    Uses only what the learner had at that point (earlier problems, their majority-consistent sample
+    texts); the prompt packs ``question trace <eos>`` blocks before the question, as in pretraining.
+    """
+    tokenizer = learner.tokenizer
+    keys = torch.nn.functional.normalize(learner.embed_fn([p["question"] for p in problems]).float(), dim=-1)
+    prompts = []
+    for i, problem in enumerate(problems):
+        blocks: list[int] = []
+        if i:
+            similarity = keys[:i] @ keys[i]
+            for j in similarity.topk(min(learner.top_k, i)).indices.tolist():
+                trace = _majority_trace(records[j], learner)
+                if trace is not None:
+                    blocks += tokenizer(records[j]["question"])["input_ids"] \
+                        + tokenizer(trace, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompts.append(blocks + tokenizer(problem["question"])["input_ids"])
+    return prompts
+
+
+def _majority_trace(record: dict, learner) -> str | None:
+    if record["answer"] is None:
+        return None
+    for text, answer in zip(record["samples"], record["answers"]):
+        if answer is not None and learner.equivalent(answer, record["answer"]):
+            return text
+    return None
+
+
+def print_summary(summary: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fastmem run: {summary['problems']} problems, n={args.n}, steps={args.steps}, "
+                        f"{args.kind}, memory={args.memory}")
+    table.add_column("method")
+    table.add_column("accuracy", justify="right")
+    table.add_column("95% CI", justify="right")
+    for name, value in summary.items():
+        if isinstance(value, tuple):
+            mean, half_width = value
+            table.add_row(name, f"{mean:.3f}", f"±{half_width:.3f}")
+    table.add_row("problems/s", f"{summary['problems_per_s']:.2f}", "")
+    Console().print(table)
