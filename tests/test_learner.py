@@ -1,0 +1,118 @@
+"""OnlineLearner and `python -m fastmem run` on a tiny random model: plumbing, labels, resume, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastmem import training
+from fastmem.__main__ import main
+from fastmem.data import build_tokenizer, stream
+from fastmem.learner import OnlineLearner
+from fastmem.store import MemoryStore
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+SMALL_RUN = ["--n", "3", "--steps", "1", "--batch-size", "4", "--max-new-tokens", "6", "--no-baselines"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with the built-in tokenizer, saved like a user's local model."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, problems):
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return path
+
+
+@pytest.mark.parametrize("memory", ["cluster", "problem"])
+def test_learner_stores_memories_and_reports_every_question(model_dir, memory):
+    from fastmem.cli import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    store = MemoryStore()
+    learner = OnlineLearner(model, tokenizer, store, n=3, steps=1, control=1, memory=memory, batch_size=3,
+                            max_new_tokens=6, cluster_similarity=0.0, min_similarity=0.0)
+    questions = [p["question"] for p in stream(0, 6)]
+    results = learner.solve(questions)
+    assert [r.question for r in results] == questions
+    assert all(len(r.samples) == 3 and r.memory_id in store.ids for r in results)
+    if memory == "problem":
+        assert len(store) == 6 and results[-1].retrieved   # later questions start from stored memories
+    else:
+        assert len(store) == 1 and store.get(store.ids[0])[1]["members"] == 6   # everything joined one cluster
+
+
+def test_no_label_reaches_training(model_dir, tmp_path, monkeypatch):
+    """Two runs whose data differ only in the answers train on identical inputs."""
+    calls: list[list] = []
+    original_step = training.MemoryTrainer.step
+
+    def recording_step(self, prompts, traces, rewards, slots):
+        calls[-1].append((prompts, traces, rewards, slots))
+        return original_step(self, prompts, traces, rewards, slots)
+
+    monkeypatch.setattr(training.MemoryTrainer, "step", recording_step)
+    problems = [{"question": p["question"], "answer": p["answer"]} for p in stream(1, 4)]
+    for answer_of in (lambda p: p["answer"], lambda p: "123456"):
+        calls.append([])
+        data = write_jsonl(tmp_path / "data.jsonl", [{**p, "answer": answer_of(p)} for p in problems])
+        main(["run", "--model", str(model_dir), "--data", str(data), *SMALL_RUN])
+    assert calls[0] and calls[0] == calls[1]
+
+
+def test_interrupt_saves_store_and_resume_continues(model_dir, tmp_path, monkeypatch):
+    store_dir, out = tmp_path / "store", tmp_path / "results.jsonl"
+    args = ["run", "--model", str(model_dir), "--limit", "8", "--store", str(store_dir), "--out", str(out), *SMALL_RUN]
+    original_solve = OnlineLearner.solve
+    batches = []
+
+    def interrupting_solve(self, questions, progress=None):
+        if batches:
+            raise KeyboardInterrupt
+        batches.append(questions)
+        return original_solve(self, questions, progress)
+
+    monkeypatch.setattr(OnlineLearner, "solve", interrupting_solve)
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 130
+    assert len(out.read_text().splitlines()) == 4 and len(MemoryStore.load(store_dir)) >= 1
+    monkeypatch.setattr(OnlineLearner, "solve", original_solve)
+    main([*args, "--resume"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in lines] == [p["question"] for p in stream(0, 8)]
+
+
+def test_malformed_jsonl_names_the_line_before_any_work(model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "1+1?"}\n{"question": 5}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+        main(["run", "--model", str(model_dir), "--data", str(data), *SMALL_RUN])
+
+
+def test_unwritable_store_fails_before_work(model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        main(["run", "--model", str(model_dir), "--store", str(blocker / "store"), *SMALL_RUN])
