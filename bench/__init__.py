@@ -1,0 +1,1 @@
+"""Speed reports for fastmem: `python bench/throughput.py --help`."""

@@ -1,0 +1,399 @@
+"""How fast fastmem is next to what users run today, measured in the same run.
+
+    python bench/throughput.py [--only attention,decode] [--quick] [--json FILE] [--plot FILE.png]
+                               [--device cpu|cuda] [--reps N] [--threads N]
+
+Prints a Markdown table (every figure next to its baseline, as baseline time / fastmem time), then one
+line per target, met or missed by how much. To add a section: write ``<name>_cases(settings)`` returning
+`Case`s (build them with `comparison_cases`) and add a row to `SECTIONS`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastmem  # noqa: E402
+from bench.baselines import (concat_cache_decode, flash_attn_func, flash_attn_prefix_attention,  # noqa: E402
+                             peft_prefix_attention)
+from bench.harness import (FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFINITION, Case, Sweep, Target, Timing,  # noqa: E402
+                           Workload, available_cores, comparison_cases, environment,
+                           markdown_table, measure, measure_peak_memory, measure_sweeps,
+                           peak_bytes_in_fresh_processes, plot_sweeps, quantiles_ms, report_rows,
+                           target_lines)
+from fastmem.ops import backends  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every section builds its cases for. ``smoke``: tiny shapes that run every code path in
+    seconds (their times mean nothing); ``quick``: fewer sweep points."""
+    device: torch.device
+    dtype: torch.dtype
+    smoke: bool = False
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of the report: its cases and, for --plot, its scaling curves."""
+    cases: Callable[[Settings], list[Case]]
+    sweeps: Callable[[Settings], list[Sweep]] | None = None
+
+
+def call_with(function: Callable, arg_names: tuple[str, ...], **options) -> Callable:
+    """A case's compute: ``function`` applied to the named inputs, in order."""
+    return lambda inputs: function(*(inputs[name] for name in arg_names), **options)
+
+
+def seeded_randn(settings: Settings, seed: int = 0) -> Callable[..., torch.Tensor]:
+    """``randn(*size)`` drawing from one CPU generator, then moved to the device and dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda *size: torch.randn(*size, generator=generator).to(settings.device, settings.dtype)
+
+
+def timed_backends(settings: Settings, head_dim: int) -> list[str]:
+    """fastmem backends that run here (Triton only on CUDA: its CPU interpreter checks, it is not fast)."""
+    return [name for name in backends.BACKEND_MODULES
+            if backends.unavailable_reason(name) is None
+            and backends.supports(name, settings.device, settings.dtype, head_dim)
+            and (name != "triton" or settings.device.type == "cuda")]
+
+
+def auto_backend(settings: Settings, head_dim: int) -> str:
+    """What ``backend="auto"`` picks here: targets are judged on it."""
+    return backends.resolve("auto", settings.device, settings.dtype, head_dim)
+
+
+def fastmem_provider(backend: str) -> str:
+    return f"fastmem[{backend}]"
+
+
+def fastmem_contenders(backend_names: list[str], arg_names: tuple[str, ...]) -> dict[str, Callable]:
+    return {fastmem_provider(name): call_with(fastmem.prefix_attention, arg_names, backend=name)
+            for name in backend_names}
+
+
+# ---------------------------------------------------------------------------------------------- ceiling
+
+def ceiling_cases(settings: Settings) -> list[Case]:
+    """The machine's ceiling: a large matmul in the benchmark's dtype (2 n^3 FLOPs)."""
+    size = 256 if settings.smoke else 8192 if settings.device.type == "cuda" else 2048
+
+    def make_inputs():
+        randn = seeded_randn(settings)
+        return dict(a=randn(size, size), b=randn(size, size))
+
+    workload = Workload("ceiling", f"matmul {size}x{size} {str(settings.dtype).removeprefix('torch.')}",
+                        dict(n=size), make_inputs, 2.0 * size**3)
+    return [Case(workload, "torch", FWD, lambda inputs: inputs["a"] @ inputs["b"])]
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """B rows of T queries and T own keys each; a pool of S slots of P positions; GQA heads."""
+    batch: int
+    seq_len: int
+    prefix_len: int
+    slots: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    def forward_flops(self) -> float:
+        """Useful forward FLOPs, causal halving counted: QK^T and PV (2 * D each) over the keys each
+        query sees, 4 * B * Hq * D * (T * P + T * (T + 1) / 2)."""
+        visible_keys = self.seq_len * self.prefix_len + self.seq_len * (self.seq_len + 1) / 2
+        return 4.0 * self.batch * self.q_heads * self.head_dim * visible_keys
+
+
+ATTENTION_SHAPE = AttentionShape(batch=32, seq_len=128, prefix_len=32, slots=64, q_heads=8, kv_heads=2, head_dim=64)
+SMOKE_ATTENTION_SHAPE = AttentionShape(batch=4, seq_len=8, prefix_len=4, slots=6, q_heads=4, kv_heads=2, head_dim=16)
+ATTENTION_ARGS = ("q", "k", "v", "prefix_k", "prefix_v", "prefix_index")
+PEFT_WAY = ("PEFT way", call_with(peft_prefix_attention, ATTENTION_ARGS))
+
+
+def attention_workload(settings: Settings, shape: AttentionShape, rows_per_slot: int, name: str) -> Workload:
+    """Random inputs; consecutive groups of ``rows_per_slot`` rows share one (randomly chosen) slot."""
+    def make_inputs():
+        randn = seeded_randn(settings)
+        rows = (shape.batch, shape.seq_len)
+        pool = (shape.slots, shape.prefix_len, shape.kv_heads, shape.head_dim)
+        slot_order = torch.randperm(shape.slots, generator=torch.Generator().manual_seed(1))
+        inputs = dict(q=randn(*rows, shape.q_heads, shape.head_dim), k=randn(*rows, shape.kv_heads, shape.head_dim),
+                      v=randn(*rows, shape.kv_heads, shape.head_dim), prefix_k=randn(*pool), prefix_v=randn(*pool),
+                      prefix_index=slot_order[torch.arange(shape.batch) // rows_per_slot].to(settings.device))
+        inputs[GRAD_OUT] = randn(*rows, shape.q_heads, shape.head_dim)
+        return inputs
+
+    return Workload("attention", name, dict(asdict(shape), rows_per_slot=rows_per_slot), make_inputs,
+                    shape.forward_flops(), grad_inputs=("q", "k", "v", "prefix_k", "prefix_v"))
+
+
+def attention_cases(settings: Settings) -> list[Case]:
+    """fastmem (every backend) and flash-attn (CUDA, when importable) against the PEFT way, forward and
+    forward+backward, with distinct slots per row and with groups of rows sharing a slot."""
+    shape, shared_rows = (SMOKE_ATTENTION_SHAPE, 2) if settings.smoke else (ATTENTION_SHAPE, 8)
+    contenders = fastmem_contenders(timed_backends(settings, shape.head_dim), ATTENTION_ARGS)
+    if settings.device.type == "cuda" and flash_attn_func is not None:
+        contenders["flash-attn (concat)"] = call_with(flash_attn_prefix_attention, ATTENTION_ARGS)
+    auto = fastmem_provider(auto_backend(settings, shape.head_dim))
+    cases = []
+    for rows_per_slot, speedup in ((1, 1.5), (shared_rows, 3.0)):
+        name = "distinct slots" if rows_per_slot == 1 else f"{rows_per_slot} rows/slot"
+        cases += comparison_cases(attention_workload(settings, shape, rows_per_slot, name), (FWD, FWD_BWD),
+                                  PEFT_WAY, contenders, targeted=auto,
+                                  targets=(Target("speedup", speedup), Target("ceiling", 0.5)))
+    return cases
+
+
+def attention_sweeps(settings: Settings) -> list[Sweep]:
+    """Time against prefix length P (distinct slots) and against rows sharing one slot: `auto` vs PEFT
+    (fwd+bwd only, and fewer points, in --quick)."""
+    base = SMOKE_ATTENTION_SHAPE if settings.smoke else ATTENTION_SHAPE
+    if settings.smoke:
+        prefix_lens, sharing = (2, 4), (1, 4)
+    elif settings.quick:
+        prefix_lens, sharing = (8, 32, 128), (1, 8, 32)
+    else:
+        prefix_lens, sharing = (8, 16, 32, 64, 128, 256), (1, 2, 4, 8, 16, 32)
+    modes = (FWD_BWD,) if settings.quick else (FWD, FWD_BWD)
+    contenders = fastmem_contenders([auto_backend(settings, base.head_dim)], ATTENTION_ARGS)
+
+    def point(shape: AttentionShape, rows_per_slot: int, name: str) -> list[Case]:
+        return comparison_cases(attention_workload(settings, shape, rows_per_slot, name), modes, PEFT_WAY,
+                                contenders)
+
+    return [Sweep("prefix length (distinct slots)", "prefix length P",
+                  [(p, point(replace(base, prefix_len=p), 1, f"P={p}")) for p in prefix_lens]),
+            Sweep(f"rows sharing one slot (P={base.prefix_len})", "rows per slot",
+                  [(r, point(base, r, f"rows/slot={r}")) for r in sharing])]
+
+
+# ----------------------------------------------------------------------------------------------- decode
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """One decode step (one query per row) of B rows over a memory, a shared prompt and an own cache."""
+    batch: int
+    memory_len: int
+    prompt_len: int
+    cache_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    def forward_flops(self) -> float:
+        """4 * B * Hq * D * (memory + prompt + cache positions): every key is visible to the one query."""
+        return 4.0 * self.batch * self.q_heads * self.head_dim * (self.memory_len + self.prompt_len + self.cache_len)
+
+
+DECODE_SHAPE = DecodeShape(batch=64, memory_len=16, prompt_len=256, cache_len=256, q_heads=8, kv_heads=2, head_dim=64)
+SMOKE_DECODE_SHAPE = DecodeShape(batch=4, memory_len=3, prompt_len=8, cache_len=6, q_heads=4, kv_heads=2, head_dim=16)
+DECODE_FASTMEM_ARGS = ("q", "cache_k", "cache_v", "pool_k", "pool_v", "pool_index", "pool_lens")
+DECODE_BASELINE_ARGS = ("q", "memory_k", "memory_v", "prompt_k", "prompt_v", "cache_k", "cache_v")
+
+
+def decode_workload(settings: Settings, shape: DecodeShape) -> Workload:
+    """Per-row memories, one prompt cache, per-row own caches; and fastmem's pool holding the memories
+    (slot b: row b's, first ``memory_len`` positions valid) and the prompt (slot B), indexed ``[B, 2]``."""
+    def make_inputs():
+        randn = seeded_randn(settings)
+        heads = (shape.kv_heads, shape.head_dim)
+        batch, memory_len, prompt_len = shape.batch, shape.memory_len, shape.prompt_len
+        inputs = dict(q=randn(batch, 1, shape.q_heads, shape.head_dim),
+                      memory_k=randn(batch, memory_len, *heads), memory_v=randn(batch, memory_len, *heads),
+                      prompt_k=randn(prompt_len, *heads), prompt_v=randn(prompt_len, *heads),
+                      cache_k=randn(batch, shape.cache_len, *heads), cache_v=randn(batch, shape.cache_len, *heads))
+        for part in "kv":
+            pool = inputs[f"memory_{part}"].new_zeros(batch + 1, max(memory_len, prompt_len), *heads)
+            pool[:batch, :memory_len] = inputs[f"memory_{part}"]
+            pool[batch, :prompt_len] = inputs[f"prompt_{part}"]
+            inputs[f"pool_{part}"] = pool
+        slots = torch.stack([torch.arange(batch), torch.full((batch,), batch)], dim=1)
+        inputs["pool_index"] = slots.to(settings.device)
+        inputs["pool_lens"] = torch.tensor([memory_len] * batch + [prompt_len], device=settings.device)
+        return inputs
+
+    return Workload("decode", f"{shape.batch} rows, memory + shared prompt", asdict(shape), make_inputs,
+                    shape.forward_flops())
+
+
+def decode_cases(settings: Settings) -> list[Case]:
+    """One decode step: fastmem reading memory and prompt from the pool by ``[B, 2]`` index, against
+    concatenating memory + prompt + own cache per row every step."""
+    shape = SMOKE_DECODE_SHAPE if settings.smoke else DECODE_SHAPE
+    contenders = fastmem_contenders(timed_backends(settings, shape.head_dim), DECODE_FASTMEM_ARGS)
+    return comparison_cases(decode_workload(settings, shape), (FWD,),
+                            ("concat cache", call_with(concat_cache_decode, DECODE_BASELINE_ARGS)), contenders,
+                            targeted=fastmem_provider(auto_backend(settings, shape.head_dim)),
+                            targets=(Target("speedup", 3.0),))
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+CEILING = Section(ceiling_cases)
+SECTIONS = {
+    "attention": Section(attention_cases, attention_sweeps),
+    "decode": Section(decode_cases),
+}
+FLOP_CONVENTION = ("GFLOP/s counts useful work only, the same for every provider: attention fwd = "
+                   "4·B·Hq·D·(T·P + T(T+1)/2) (causal halving counted: each query's visible keys), decode step "
+                   "fwd = 4·B·Hq·D·(memory + prompt + cache), fwd+bwd = 3.5 × fwd; ceiling = 2n³ per matmul")
+
+
+def section_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section {', '.join(map(repr, unknown)) or '(none given)'}; "
+                                         f"sections: {', '.join(SECTIONS)}")
+    return names
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/throughput.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", type=section_names, default=list(SECTIONS), metavar="SECTIONS",
+                        help=f"comma-separated sections to run (default: all): {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer warm-ups, samples and sweep points (about 2 minutes on 2 CPU cores)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, one sample, no memory runs: checks every code path (times mean nothing)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure and the environment as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot scaling curves of the sections that have them")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when a GPU is visible); fp32 on cpu, bf16 on cuda")
+    parser.add_argument("--reps", type=positive_int, help="samples per case (default: 15, --quick: 5)")
+    parser.add_argument("--threads", type=positive_int, default=available_cores(),
+                        help="torch threads (default: the cores this process may use)")
+    parser.add_argument("--measure-memory", nargs="+", metavar="CASE_ID", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def timing_for(args: argparse.Namespace) -> Timing:
+    if args.smoke:
+        timing = Timing(warmup=0, reps=1, min_sample_s=0.0)
+    elif args.quick:
+        timing = Timing(warmup=1, reps=5, min_sample_s=0.02)
+    else:
+        timing = Timing(warmup=3, reps=15, min_sample_s=0.1)
+    return replace(timing, reps=args.reps) if args.reps else timing
+
+
+def find_case(settings: Settings, case_id: str) -> Case:
+    section = {"ceiling": CEILING, **SECTIONS}.get(case_id.split(":")[0])
+    for case in section.cases(settings) if section else ():
+        if case.id == case_id:
+            return case
+    raise SystemExit(f"bench/throughput.py: no case {case_id!r}")
+
+
+def memory_command(args: argparse.Namespace, case_ids: list[str]) -> list[str]:
+    """This script in a new process, printing the peak memory of each case (see `--measure-memory`)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--threads", str(args.threads),
+            *(["--smoke"] if args.smoke else []), "--measure-memory", *case_ids]
+
+
+STARTED_S = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[throughput {time.perf_counter() - STARTED_S:4.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict:
+    """Measures the ceiling and the requested sections (and their sweeps with --plot): the report."""
+    timing = timing_for(args)
+    sections = {"ceiling": CEILING, **{name: SECTIONS[name] for name in args.only}}
+    measurements = []
+    for name, section in sections.items():
+        cases = section.cases(settings)
+        progress(f"{name}: timing {len(cases)} cases, {timing.reps} samples each")
+        measurements += measure(cases, timing, settings.device)
+    if not args.smoke:
+        progress(f"peak memory of {len(measurements)} cases")
+        measure_peak_memory(measurements, settings.device, lambda case_ids: memory_command(args, case_ids))
+    ceiling = measurements[0]
+    ceiling_flops_per_s = ceiling.case.flops / (quantiles_ms(ceiling.samples_s)[1] / 1e3)
+    sweeps = [sweep for section in sections.values() if args.plot and section.sweeps
+              for sweep in section.sweeps(settings)]
+    if sweeps:
+        progress(f"sweeps: {', '.join(sweep.title for sweep in sweeps)}")
+    env = environment(settings.device, settings.dtype)
+    env["fastmem_backends"] = {name: backends.unavailable_reason(name) or "available"
+                               for name in backends.BACKEND_MODULES}
+    env["auto_backend"] = auto_backend(settings, ATTENTION_SHAPE.head_dim)
+    return dict(
+        environment=env, sections=args.only, timing=asdict(timing), smoke=args.smoke, quick=args.quick,
+        conventions=dict(flops=FLOP_CONVENTION, peak_memory=PEAK_MEMORY_DEFINITION if not args.smoke else None),
+        ceiling_gflops_per_s=ceiling_flops_per_s / 1e9, rows=report_rows(measurements, ceiling_flops_per_s),
+        sweeps=[dict(title=sweep.title, x_label=sweep.x_label,
+                     points=[dict(x=x, rows=report_rows(point, ceiling_flops_per_s))
+                             for (x, _), point in zip(sweep.points, points)])
+                for sweep, points in measure_sweeps(sweeps, timing, settings.device)],
+        wall_s=time.perf_counter() - STARTED_S)
+
+
+def render(report: dict) -> str:
+    """The Markdown report: a header, the table, one line per target, notes."""
+    env, timing, rows = report["environment"], report["timing"], report["rows"]
+    lines = [f"fastmem throughput: {env['device_name']} ({env['device']}), {env['dtype']}, {env['threads']} "
+             f"threads, torch {env['torch']}, {env['date']}; auto backend: {env['auto_backend']}",
+             f"timing: median and p20–p80 of {timing['reps']} samples per case after one checked call and "
+             f"{timing['warmup']} warm-up call(s); a sample is ≥{timing['min_sample_s'] * 1e3:.0f} ms of "
+             "back-to-back calls; the cases of a section interleaved round by round",
+             *(["SMOKE RUN: tiny shapes, to check the code paths; its times mean nothing"]
+               if report["smoke"] else []), "",
+             markdown_table(rows), "", "Targets (judged on the backend auto picks):",
+             *(target_lines(rows) or ["- none in the sections run"]), "", "Notes:",
+             f"- ratio vs baseline = baseline median / this median (> 1: faster than the baseline). "
+             f"{report['conventions']['flops']}.",
+             f"- {report['conventions']['peak_memory'] or 'peak memory: not measured in --smoke runs'}."]
+    for name in report["sections"]:
+        diffs = [row["max_abs_diff_vs_baseline"] for row in rows
+                 if row["section"] == name and row["max_abs_diff_vs_baseline"] is not None]
+        lines.append(f"- {name}: outputs (and gradients, fwd+bwd) match the baseline to max |diff| {max(diffs):.2g}")
+    lines.append(f"- wall time {report['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"bench/throughput.py: --device cuda needs a CUDA GPU, and torch {torch.__version__} sees none")
+    device = torch.device(args.device)
+    settings = Settings(device, torch.float32 if device.type == "cpu" else torch.bfloat16, args.smoke, args.quick)
+    if args.measure_memory:  # CPU peak memory, for `measure_peak_memory` of the parent process
+        cases = [find_case(settings, case_id) for case_id in args.measure_memory]
+        print("\n".join(map(str, peak_bytes_in_fresh_processes(cases, args.threads))))
+        return
+    torch.set_num_threads(args.threads)
+    report = run(args, settings)
+    if args.plot:
+        env = report["environment"]
+        plot_sweeps(report["sweeps"], args.plot, f"fastmem vs PEFT way: {env['device_name']}, {env['dtype']}, "
+                                                 f"{env['threads']} threads, auto backend = {env['auto_backend']}")
+    print(render(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
