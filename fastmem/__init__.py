@@ -14,6 +14,10 @@ _LAZY_EXPORTS = {
     "unpatch": "fastmem.hf",
     "inject": "fastmem.hf",
     "MemoryBank": "fastmem.memory",
+    "sample": "fastmem.sampling",
+    "MemoryTrainer": "fastmem.training",
+    "MemoryStore": "fastmem.store",
+    "OnlineLearner": "fastmem.learner",
 }
 
 __all__ = ["prefix_attention", "__version__", *_LAZY_EXPORTS]

@@ -8,8 +8,10 @@ Two kinds, both made from the model they serve:
   and values at every layer (prefix tuning; ReasonCACHE).
 
 ``lengths [S]`` holds each slot's valid positions (P unless an adapter with fewer tokens was loaded).
-The bank's parameters are its only trainable tensors; pass them to the optimizer. ``bank.save(path)``
-writes safetensors with a JSON header (kind, model shape); ``MemoryBank.load(path, model)`` checks both.
+The bank's parameters are its only trainable tensors; pass them to the optimizer, or train slots with
+`fastmem.MemoryTrainer`, which keeps per-slot optimizer state in the bank (`optimizer_state`).
+``bank.save(path)`` writes safetensors with a JSON header (kind, model shape), optimizer state included;
+``MemoryBank.load(path, model)`` checks both.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from fastmem.hf.peft_adapters import PromptAdapter, read_prompt_adapter
 FORMAT = "fastmem.MemoryBank"
 FORMAT_VERSION = 1
 HEADER_KEY = "fastmem"
+OPTIMIZER_PREFIX = "optimizer_"      # buffers (and saved tensors) holding per-slot optimizer state
 
 
 class MemoryBank(nn.Module):
@@ -68,6 +71,12 @@ class MemoryBank(nn.Module):
 
     def memory_for(self, model, index: Tensor) -> Memory:
         """The `Memory` a batch with slot ids ``index [B, M]`` attends to."""
+        return self.memory_of(model, dict(self.named_parameters()), self.lengths, index)
+
+    @classmethod
+    def memory_of(cls, model, tensors: dict[str, Tensor], lengths: Tensor, index: Tensor) -> Memory:
+        """The `Memory` of slots laid out like this kind's parameters (``tensors``, e.g. `slot_rows`, with
+        valid ``lengths``), for a batch with slot ids ``index [B, M]`` into them."""
         raise NotImplementedError
 
     @classmethod
@@ -118,6 +127,36 @@ class MemoryBank(nn.Module):
             raise ValueError(f"memory slots {bad_slots} hold non-finite values (NaN or inf)")
         self._checked_version = self.version()
 
+    def slot_rows(self, slots: Tensor) -> dict[str, Tensor]:
+        """Name -> a detached copy of slots ``slots [K]`` of each parameter (K along `SLOT_DIM`)."""
+        return {name: p.detach().index_select(self.SLOT_DIM, slots) for name, p in self.named_parameters()}
+
+    def write_slot_rows(self, slots: Tensor, rows: dict[str, Tensor]) -> None:
+        """Overwrite slots ``slots [K]`` (distinct) of the named parameters with finite ``rows``, laid out as
+        `slot_rows` returns them, in place; every other slot keeps its bits."""
+        if not all(bool(torch.isfinite(row).all()) for row in rows.values()):
+            raise ValueError(f"refusing to write non-finite values into memory slots {slots.tolist()}")
+        was_checked = self._checked_version == self.version()
+        with torch.no_grad():
+            for name, row in rows.items():
+                parameter = getattr(self, name)
+                parameter.index_copy_(self.SLOT_DIM, slots, row.to(parameter.dtype))
+        if was_checked:                      # finite values written into a checked bank: still finite
+            self._checked_version = self.version()
+
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """Per-slot optimizer state kept with the bank (name -> tensor), as `fastmem.MemoryTrainer` creates it.
+
+        Stored as buffers (``.to`` moves them, `save` writes them, `load` restores them); empty until set.
+        """
+        return {name.removeprefix(OPTIMIZER_PREFIX): t for name, t in self.named_buffers()
+                if name.startswith(OPTIMIZER_PREFIX)}
+
+    def set_optimizer_state(self, state: dict[str, Tensor]) -> None:
+        """Keep ``state`` (name -> tensor) with the bank, replacing entries of the same names."""
+        for name, tensor in state.items():
+            self.register_buffer(OPTIMIZER_PREFIX + name, tensor)
+
     def slot_selector(self, slot: int, positions: int | None = None) -> tuple:
         """Index selecting ``slot`` (its first ``positions`` positions) of every parameter: ``bank.keys[sel]``."""
         return (slice(None),) * self.SLOT_DIM + (slot, slice(positions))
@@ -149,12 +188,13 @@ class MemoryBank(nn.Module):
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the bank to ``path``: safetensors, with a JSON header (kind, slots, length, model shape)."""
+        """Write the bank to ``path``: safetensors, with a JSON header (kind, slots, length, model shape).
+
+        The file holds the parameters, ``lengths`` and any `optimizer_state`."""
         header = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "slots": self.num_slots,
                   "length": self.length, "model": self.model_shape.as_dict()}
-        tensors = {name: p.detach().contiguous() for name, p in self.named_parameters()}
-        save_file({**tensors, "lengths": self.lengths.contiguous()}, os.fspath(path),
-                  metadata={HEADER_KEY: json.dumps(header)})
+        tensors = {name: t.detach().contiguous() for name, t in (*self.named_parameters(), *self.named_buffers())}
+        save_file(tensors, os.fspath(path), metadata={HEADER_KEY: json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "MemoryBank":
@@ -181,6 +221,8 @@ class MemoryBank(nn.Module):
         mismatches = saved_shape.mismatches(model_shape(model))
         if mismatches:
             raise ValueError(f"{path} was saved for another model ({'; '.join(mismatches)}; file vs model)")
+        optimizer = {name.removeprefix(OPTIMIZER_PREFIX): tensors.pop(name) for name in list(tensors)
+                     if name.startswith(OPTIMIZER_PREFIX)}
         expected = {**kind_class.tensor_shapes(saved_shape, slots, length), "lengths": (slots,)}
         found = {name: tuple(t.shape) for name, t in tensors.items()}
         if found != expected:
@@ -188,8 +230,10 @@ class MemoryBank(nn.Module):
         lengths = tensors.pop("lengths")
         if lengths.dtype.is_floating_point or int(lengths.min()) < 0 or int(lengths.max()) > length:
             raise ValueError(f"{path}: lengths must be integers in [0, {length}]")
-        return kind_class(saved_shape, lengths.to(model.device),
+        bank = kind_class(saved_shape, lengths.to(model.device),
                           {name: t.to(model.device) for name, t in tensors.items()})
+        bank.set_optimizer_state({name: t.to(model.device) for name, t in optimizer.items()})
+        return bank
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, slots={self.num_slots}, length={self.length}, "
@@ -219,8 +263,9 @@ class SoftPromptBank(MemoryBank):
                              f"{self.model_shape.hidden_size}")
         return {"embeddings": adapter.weights[:adapter.num_virtual_tokens]}
 
-    def memory_for(self, model, index):
-        return soft_prompt_memory(model, self.embeddings, self.lengths, index, with_logits=True)
+    @classmethod
+    def memory_of(cls, model, tensors, lengths, index):
+        return soft_prompt_memory(model, tensors["embeddings"], lengths, index, with_logits=True)
 
 
 class PrefixBank(MemoryBank):
@@ -251,6 +296,7 @@ class PrefixBank(MemoryBank):
                                             shape.head_dim).transpose(0, 1)         # [L, n, 2, Hkv, D]
         return {"keys": per_layer[:, :, 0], "values": per_layer[:, :, 1]}
 
-    def memory_for(self, model, index):
-        pool = KVPool(tuple(zip(self.keys.unbind(0), self.values.unbind(0))), self.lengths)
+    @classmethod
+    def memory_of(cls, model, tensors, lengths, index):
+        pool = KVPool(tuple(zip(tensors["keys"].unbind(0), tensors["values"].unbind(0))), lengths)
         return Memory(pool, index)

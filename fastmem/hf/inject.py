@@ -15,6 +15,11 @@ The layers, from the bottom:
   ``num_slots``, ``validate(model)``, ``version()`` and ``memory_for(model, index)``: a `MemoryBank` or
   a `KVPool`) into an `InjectionContext` per forward, shift positions by each row's memory length,
   and compute the loss. Works with ``model(...)`` and ``model.generate(...)``.
+- Shared prefixes (`shared_prefix`, `run_after_memory`, `token_logprobs`): B prompts run once under
+  their memory and become a pool with one slot per prompt, which many rows then continue (the
+  samples of `fastmem.sample`, the traces of `fastmem.MemoryTrainer`). These forwards call the
+  decoder directly with an explicit handler and explicit positions: no cache, no padding mask
+  (every batch is right padded, which causal attention needs no mask for).
 
 Each row behaves as if it ran alone with its memory in front: its real tokens sit at positions
 ``n_b + 0, n_b + 1, ...`` (``n_b`` = the row's memory positions), left padding is invisible, and the
@@ -26,13 +31,16 @@ import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from fastmem.hf.architectures import model_shape
 from fastmem.hf.attention import CONTEXT_KEYWORD, original_implementation
+from fastmem.kernels.prefix_attention_ref import valid_slot_positions
 from fastmem.ops import prefix_attention
 
 IGNORE_INDEX = -100
@@ -96,8 +104,12 @@ class Memory:
 
     def row_lengths(self) -> Tensor:
         """``[B]`` memory positions of each row."""
-        lengths = self.pool.lengths[self.index.clamp(min=0)]
-        return torch.where(self.index >= 0, lengths, 0).sum(dim=1)
+        return memory_lengths(self.pool.lengths, self.index)
+
+
+def memory_lengths(slot_lengths: Tensor, index: Tensor) -> Tensor:
+    """``[B]`` memory positions of rows reading slots ``index [B, M]`` (-1 = none) of ``slot_lengths [S]``."""
+    return torch.where(index >= 0, slot_lengths[index.clamp(min=0)], 0).sum(dim=1)
 
 
 class MemorySource(Protocol):
@@ -135,6 +147,12 @@ class InjectionContext:
     longest_memory: int
     needs_grad: bool = False
 
+    @classmethod
+    def for_memory(cls, memory: Memory, key_start: Tensor | None = None) -> "InjectionContext":
+        """The handler attending to ``memory``; it expects gradients when autograd is on and the pool needs them."""
+        tensors = [t for pair in memory.pool.layers for t in pair]
+        return cls(memory, key_start, int(memory.row_lengths().max()), _needs_grad(tensors))
+
     def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask, *,
                scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
                **kwargs) -> tuple[Tensor, None]:
@@ -158,15 +176,18 @@ class InjectionContext:
 
 @dataclass
 class KVRecorder:
-    """An attention handler that keeps each layer's keys and values, then runs the original attention."""
+    """An attention handler that keeps each layer's keys and values, then attends: through ``context`` (with
+    memory) when given, else with the original attention."""
     needs_grad: bool
+    context: InjectionContext | None = None
     keys: dict[int, Tensor] = field(default_factory=dict)
     values: dict[int, Tensor] = field(default_factory=dict)
 
     def attend(self, original, module, query, key, value, attention_mask, **kwargs):
         _check_grad_mode(self.needs_grad)
         self.keys[module.layer_idx], self.values[module.layer_idx] = key, value
-        return original(module, query, key, value, attention_mask, **kwargs)
+        attend = original if self.context is None else partial(self.context.attend, original)
+        return attend(module, query, key, value, attention_mask, **kwargs)
 
     def pool(self, lengths: Tensor) -> KVPool:
         """The recorded ``[S, Hkv, P, D]`` states as a pool ``[S, P, Hkv, D]`` per layer."""
@@ -287,10 +308,9 @@ class _Injection:
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
         key_start = _key_start(attention_mask, batch, past + new)
-        row_lengths = memory.row_lengths()
-        kwargs["position_ids"] = _position_ids(kwargs.get("position_ids"), attention_mask, past, new, row_lengths)
-        tensors = [t for pair in memory.pool.layers for t in pair]
-        context = InjectionContext(memory, key_start, int(row_lengths.max()), _needs_grad(tensors))
+        kwargs["position_ids"] = _position_ids(kwargs.get("position_ids"), attention_mask, past, new,
+                                               memory.row_lengths())
+        context = InjectionContext.for_memory(memory, key_start)
         kwargs[CONTEXT_KEYWORD] = context
         if kwargs.get("labels") is not None:
             self.pending = (context, past, kwargs.pop("labels"), kwargs.get("return_dict", True))
@@ -333,7 +353,13 @@ class _Injection:
                                         num_items_in_batch=num_items_in_batch)
 
 
-def _checked_index(index, num_slots: int, device) -> Tensor:
+def check_patched(model) -> None:
+    """ValueError unless ``model`` went through `fastmem.patch`."""
+    if original_implementation(model) is None:
+        raise ValueError(f"{type(model).__name__} is not patched; call fastmem.patch(model) first")
+
+
+def checked_index(index, num_slots: int, device) -> Tensor:
     """``[B]`` or ``[B, M]`` integer slot ids in ``[-1, num_slots)`` -> ``[B, M]`` long on ``device``."""
     if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype.is_complex \
             or index.dtype == torch.bool:
@@ -366,14 +392,13 @@ def inject(model, memory: MemorySource, index: Tensor, *, expand: int = 1):
     anything): model patched, index integer and in range, memory made for this model and finite; the
     batch size is checked at each forward.
     """
-    if original_implementation(model) is None:
-        raise ValueError(f"{type(model).__name__} is not patched; call fastmem.patch(model) first")
+    check_patched(model)
     if model in _INJECTING:
         raise ValueError("fastmem.inject blocks on one model cannot be nested")
     if not isinstance(expand, int) or expand < 1:
         raise ValueError(f"expand must be a positive int; got {expand!r}")
     memory.validate(model)
-    index = _checked_index(index, memory.num_slots, model.device)
+    index = checked_index(index, memory.num_slots, model.device)
     injection = _Injection(model, memory, index, expand)
     handles = [model.register_forward_pre_hook(injection.before_forward, with_kwargs=True),
                model.register_forward_hook(injection.after_forward, with_kwargs=True)]
@@ -384,3 +409,106 @@ def inject(model, memory: MemorySource, index: Tensor, *, expand: int = 1):
         _INJECTING.discard(model)
         for handle in handles:
             handle.remove()
+
+
+# Shared prefixes ---------------------------------------------------------------------------------------
+
+LOGITS_CHUNK_ELEMENTS = 2 ** 26     # `token_logprobs` materializes at most this many logits at once
+
+
+def right_pad(rows: list[Tensor], value: int = 0) -> tuple[Tensor, Tensor]:
+    """1-D token rows -> ids ``[B, max length]`` right padded with ``value``, and lengths ``[B]``."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long, device=rows[0].device)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value), lengths
+
+
+def run_after_memory(model, memory: Memory | None, input_ids: Tensor, *, past: int = 0, handler=None) -> Tensor:
+    """Final hidden states ``[B, T, hidden]`` (after the last norm) of right-padded rows ``input_ids [B, T]``.
+
+    Row b's tokens sit at positions ``n_b + past + t`` (``n_b`` = its memory positions, 0 without memory),
+    and every layer attends through ``handler``: by default an `InjectionContext` for ``memory`` (row b
+    sees its memory, then its own tokens); a handler that wraps one may also keep keys and values.
+    """
+    offset = past if memory is None else memory.row_lengths()[:, None] + past
+    positions = offset + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    if handler is None and memory is not None:
+        handler = InjectionContext.for_memory(memory)
+    out = model.base_model(input_ids=input_ids, position_ids=positions.expand(input_ids.shape[0], -1),
+                           use_cache=False, **{CONTEXT_KEYWORD: handler})
+    return out.last_hidden_state
+
+
+def output_logits(model, hidden: Tensor) -> Tensor:
+    """``[..., hidden]`` final hidden states -> ``[..., V]`` logits (the supported models apply only the head)."""
+    return model.get_output_embeddings()(hidden)
+
+
+def token_logprobs(model, hidden: Tensor, targets: Tensor) -> Tensor:
+    """fp32 ``[N]`` log-probabilities of ``targets [N]`` given final hidden states ``[N, hidden]``.
+
+    Logits are made in chunks of at most `LOGITS_CHUNK_ELEMENTS`; under autograd each chunk is
+    checkpointed, so no ``[N, V]`` logits are kept for backward (they are recomputed, chunk by chunk).
+    """
+    def chunk_logprobs(chunk_hidden: Tensor, chunk_targets: Tensor) -> Tensor:
+        logprobs = output_logits(model, chunk_hidden).float().log_softmax(dim=-1)
+        return logprobs.gather(1, chunk_targets[:, None]).squeeze(1)
+
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // model.config.vocab_size)
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = [checkpoint(chunk_logprobs, h, t, use_reentrant=False) if checkpointed
+              else chunk_logprobs(h, t) for h, t in zip(hidden.split(rows), targets.split(rows))]
+    return torch.cat(pieces)
+
+
+def prepend_memory(memory: Memory, prompts: KVPool) -> KVPool:
+    """A pool whose slot b holds row b's memory (slots ``memory.index[b]`` in order), then slot b of ``prompts``.
+
+    ``prompts``: one slot per row of ``memory``. One gather per layer (a copy), differentiable into both;
+    each position is read once per row, so gradients sum deterministically.
+    """
+    memory_keys = memory.pool.layers[0][0]
+    num_slots, slot_len = memory_keys.shape[:2]
+    batch, prompt_len = prompts.layers[0][0].shape[:2]
+    device = memory_keys.device
+    memory_flat = (memory.index.clamp(min=0)[..., None] * slot_len + torch.arange(slot_len, device=device)).flatten(1)
+    memory_valid = valid_slot_positions(memory.index, memory.pool.lengths, slot_len).flatten(1)
+    own = torch.arange(prompt_len, device=device)
+    prompt_flat = num_slots * slot_len + torch.arange(batch, device=device)[:, None] * prompt_len + own
+    valid = torch.cat([memory_valid, own < prompts.lengths[:, None]], dim=1)
+    order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)       # valid positions first, in order
+    lengths = valid.sum(dim=1)
+    gather = torch.cat([memory_flat, prompt_flat], dim=1).gather(1, order)[:, :int(lengths.max())]
+
+    def joined(memory_part: Tensor, prompt_part: Tensor) -> Tensor:
+        flat = torch.cat([memory_part.to(prompt_part.dtype).flatten(0, 1), prompt_part.flatten(0, 1)])
+        return flat[gather]
+
+    layers = tuple((joined(mk, pk), joined(mv, pv)) for (mk, mv), (pk, pv) in zip(memory.pool.layers, prompts.layers))
+    return KVPool(layers, lengths)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """B prompts run once under their memory.
+
+    pool: one slot per prompt, ``[B, longest, Hkv, D]`` per layer: the row's memory positions, then its
+    prompt's (``pool.lengths [B]`` = memory + prompt positions). A row continuing slot b at positions
+    ``pool.lengths[b] + t`` continues prompt b exactly as if the whole sequence ran at once.
+    last_hidden: ``[B, hidden]``, the final hidden state at each prompt's last token (it predicts the
+    first continuation token).
+    """
+    pool: KVPool
+    last_hidden: Tensor
+
+
+def shared_prefix(model, memory: Memory | None, prompts: list[Tensor]) -> SharedPrefix:
+    """Run B prompts (1-D token rows, lengths >= 1) in one right-padded forward, row b after its memory
+    (``memory.index[b]``; no memory when None). Differentiable into the memory's pool."""
+    ids, lengths = right_pad(prompts)
+    context = None if memory is None else InjectionContext.for_memory(memory)
+    recorder = KVRecorder(context is not None and context.needs_grad, context=context)
+    hidden = run_after_memory(model, memory, ids, handler=recorder)
+    pool = recorder.pool(lengths)
+    if memory is not None:
+        pool = prepend_memory(memory, pool)
+    return SharedPrefix(pool, hidden[torch.arange(len(prompts), device=ids.device), lengths - 1])

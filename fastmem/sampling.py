@@ -1,0 +1,265 @@
+"""`sample`: n answers per prompt, each prompt (with its memory) computed once and shared by its samples.
+
+1. Prefill: the B prompts run in one right-padded forward, row b after its memory (``index[b]``), and
+   their keys and values become a pool with one slot per prompt: the row's memory positions, then its
+   prompt's (`fastmem.hf.inject.shared_prefix`). Every sample's first token comes from the logits at
+   its prompt's last token.
+2. Decode: the B * n sample rows step in lockstep (`_LockstepDecoder`). Row r attends to pool slot
+   r // n through `prefix_attention`, then to its own keys, kept in preallocated buffers
+   ``[rows, max_new_tokens - 1, Hkv, D]`` per layer: each step writes one position and attends to views of
+   the filled part, so neither the prompt nor earlier steps are ever copied, and no mask is built.
+   Positions continue from each prompt's own length, memory included, as `inject` places them.
+3. A row stops at an eos token, a stop string or ``max_new_tokens``; once at most half the rows still
+   run, the buffers are compacted to the running rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastmem.hf.architectures import model_shape
+from fastmem.hf.inject import (InjectionContext, KVPool, Memory, check_patched, checked_index, memory_lengths,
+                               output_logits, run_after_memory, shared_prefix)
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled continuation of a prompt.
+
+    token_ids: the new tokens, the eos token included when one ended the sample. text: their decoding with
+    special tokens skipped (None without a tokenizer). logprob: the sum of the tokens' log-probabilities
+    under the model's own distribution (temperature 1, no top-p; fp32 per token, summed in fp64).
+    finish_reason: "eos", "stop" (a stop string appeared) or "length" (``max_new_tokens`` reached).
+    """
+    token_ids: list[int]
+    text: str | None
+    logprob: float
+    finish_reason: str
+
+
+def token_row(tokens, vocab_size: int, name: str, device) -> Tensor:
+    """A non-empty sequence of token ids (list or 1-D integer tensor) -> 1-D long tensor on ``device``.
+
+    ValueError naming ``name`` (e.g. "prompt 3") when it is empty, not 1-D integers, or holds an id
+    outside ``[0, vocab_size)``.
+    """
+    try:
+        row = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        row = None
+    if row is None or row.dim() != 1 or (row.numel() and (row.dtype.is_floating_point or row.dtype.is_complex
+                                                          or row.dtype == torch.bool)):
+        raise ValueError(f"{name} must be a sequence of token ids (ints); got {type(tokens).__name__}")
+    if row.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    low, high = int(row.min()), int(row.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the vocabulary "
+                         f"[0, {vocab_size})")
+    return row.to(device=device, dtype=torch.long)
+
+
+def check_fits(model, positions: int, name: str) -> None:
+    """ValueError when ``positions`` exceed the model's context (``config.max_position_embeddings``)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and positions > context:
+        raise ValueError(f"{name} needs {positions} positions, more than the model's context of {context} "
+                         "(config.max_position_embeddings)")
+
+
+def _positive_int(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def _eos_ids(model, eos_token_id) -> frozenset[int]:
+    """eos ids as a set; None takes ``model.generation_config.eos_token_id`` (as ``generate`` does)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+
+
+def _stop_strings(stop, tokenizer) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in strings):
+        raise ValueError(f"stop must be a non-empty string or a list of them; got {stop!r}")
+    if tokenizer is None:
+        raise ValueError("stop strings need a tokenizer (pass tokenizer=...)")
+    return strings
+
+
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """``probs [R, V]`` with every token outside the smallest most-likely set of mass >= top_p zeroed."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p     # the tokens before it already reach top_p
+    return probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
+def _next_tokens(logits: Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Per row of ``logits [R, V]``: the chosen token ``[R]`` and its fp32 log-probability under the model."""
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = (logits / temperature).softmax(dim=-1)
+        if top_p < 1:
+            probs = _nucleus(probs, top_p)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tokens, logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
+class _LockstepDecoder:
+    """Rows decoding in lockstep, row r continuing pool slot ``owner[r]``; the attention handler of its steps.
+
+    Own keys and values live in preallocated buffers ``[rows, capacity, Hkv, D]`` per layer: a step writes
+    position ``filled`` and attends (through an `InjectionContext` on the pool) to views ``[:, :filled + 1]``.
+    """
+
+    def __init__(self, model, pool: KVPool, owner: Tensor, capacity: int):
+        shape = model_shape(model)
+        size = (len(owner), capacity, shape.num_kv_heads, shape.head_dim)
+        keys = pool.layers[0][0]
+        self.model, self.pool, self.filled = model, pool, 0
+        self.buffers = [(keys.new_empty(size), keys.new_empty(size)) for _ in range(shape.num_layers)]
+        self._continue(owner)
+
+    def _continue(self, owner: Tensor) -> None:
+        self.memory = Memory(self.pool, owner[:, None])
+        self.context = InjectionContext.for_memory(self.memory)
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only ``rows`` (indices into the current rows), in that order: one copy of their buffers."""
+        self.buffers = [(keys[rows], values[rows]) for keys, values in self.buffers]
+        self._continue(self.memory.index[rows, 0])
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row (``[R]``); returns the logits of the next one ``[R, V]``."""
+        hidden = run_after_memory(self.model, self.memory, tokens[:, None], past=self.filled, handler=self)
+        self.filled += 1
+        return output_logits(self.model, hidden[:, 0])
+
+    def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+        """key/value ``[R, Hkv, 1, D]``: written into the buffers, then the pool and the filled views attended."""
+        keys, values = self.buffers[module.layer_idx]
+        keys[:, self.filled] = key[:, :, 0]
+        values[:, self.filled] = value[:, :, 0]
+        end = self.filled + 1
+        return self.context.attend(original, module, query, keys[:, :end].transpose(1, 2),
+                                   values[:, :end].transpose(1, 2), attention_mask, **kwargs)
+
+
+class _Progress:
+    """Each sample's tokens, summed log-probability and finish reason, and the sample of each decoding row."""
+
+    def __init__(self, samples: int, eos: frozenset[int], stop: tuple[str, ...], tokenizer):
+        self.tokens: list[list[int]] = [[] for _ in range(samples)]
+        self.logprobs = [0.0] * samples
+        self.reasons: list[str | None] = [None] * samples
+        self.rows = list(range(samples))
+        self.eos, self.stop, self.tokenizer = eos, stop, tokenizer
+        # a stop string spans at most its length in tokens; a few more for tokens that decode to nothing
+        self.stop_window = max(map(len, stop), default=0) + 4
+
+    def record(self, tokens: list[int], logprobs: list[float], last: bool) -> list[bool]:
+        """Append each running row's token; returns which decoding rows still run."""
+        running = []
+        for sample_id, token, logprob in zip(self.rows, tokens, logprobs):
+            if self.reasons[sample_id] is None:
+                self.tokens[sample_id].append(token)
+                self.logprobs[sample_id] += logprob
+                self.reasons[sample_id] = self._finish_reason(self.tokens[sample_id], token, last)
+            running.append(self.reasons[sample_id] is None)
+        return running
+
+    def _finish_reason(self, tokens: list[int], token: int, last: bool) -> str | None:
+        if token in self.eos:
+            return "eos"
+        if self.stop:
+            tail = self.tokenizer.decode(tokens[-self.stop_window:])
+            if any(s in tail for s in self.stop):
+                return "stop"
+        return "length" if last else None
+
+    def keep(self, rows: list[int]) -> None:
+        self.rows = [self.rows[row] for row in rows]
+
+    def samples(self, n: int) -> list[list[Sample]]:
+        """``result[b][j]``: the samples, n per prompt."""
+        texts = [None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+                 for ids in self.tokens]
+        flat = [Sample(*fields) for fields in zip(self.tokens, texts, self.logprobs, self.reasons)]
+        return [flat[start:start + n] for start in range(0, len(flat), n)]
+
+
+def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_tokens: int = 256,
+           temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, stop=None, seed: int | None = None,
+           tokenizer=None) -> list[list[Sample]]:
+    """``n`` samples for each of B prompts, each prompt computed once (with its memory) and shared.
+
+    model: patched with `fastmem.patch`. input_ids: B prompts, each a non-empty list (or 1-D tensor) of token
+    ids; lengths may differ. bank, index: the memory, as in `fastmem.inject` (a `MemoryBank` or `KVPool`,
+    and slot ids ``[B]`` or ``[B, M]``, ``-1`` = none); both or neither. temperature 0 is greedy (equal to
+    ``generate(do_sample=False)`` under the same memory); otherwise tokens are drawn from
+    ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1``. eos_token_id:
+    an id or ids that end a sample (None: ``model.generation_config.eos_token_id``, as ``generate``;
+    ``()`` for none). stop: a string or strings that end a sample once its text contains one (needs
+    ``tokenizer``; the tokens that complete it are kept). seed: the same seed (and inputs) gives the same
+    samples; None draws from torch's global generator. tokenizer: decodes ``Sample.text``.
+
+    Memory + prompt + ``max_new_tokens`` must fit the model's context. Returns ``result[b][j]``, the j-th
+    `Sample` of prompt b. Every argument is checked before anything is computed.
+    """
+    check_patched(model)
+    if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__len__") or len(input_ids) == 0:
+        raise ValueError("input_ids must be a non-empty list of prompts (token id lists)")
+    n, max_new_tokens = _positive_int(n, "n"), _positive_int(max_new_tokens, "max_new_tokens")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1]; got {top_p!r}")
+    if (bank is None) != (index is None):
+        raise ValueError("pass bank and index together (or neither, for no memory)")
+    device, vocab_size = model.device, model.config.vocab_size
+    prompts = [token_row(ids, vocab_size, f"prompt {b}", device) for b, ids in enumerate(input_ids)]
+    memory_positions = [0] * len(prompts)
+    if bank is not None:
+        bank.validate(model)
+        index = checked_index(index, bank.num_slots, device)
+        if index.shape[0] != len(prompts):
+            raise ValueError(f"index has {index.shape[0]} rows but there are {len(prompts)} prompts")
+        memory_positions = memory_lengths(bank.lengths, index).tolist()
+    for b, (prompt, memory) in enumerate(zip(prompts, memory_positions)):
+        check_fits(model, memory + len(prompt) + max_new_tokens,
+                   f"prompt {b} ({memory} memory + {len(prompt)} prompt + {max_new_tokens} new tokens)")
+    progress = _Progress(len(prompts) * n, _eos_ids(model, eos_token_id), _stop_strings(stop, tokenizer), tokenizer)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    with torch.inference_mode():
+        prefix = shared_prefix(model, None if bank is None else bank.memory_for(model, index), prompts)
+        owner = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        logits = output_logits(model, prefix.last_hidden)[owner]
+        decoder = _LockstepDecoder(model, prefix.pool, owner, max_new_tokens - 1)
+        for step in range(max_new_tokens):
+            tokens, logprobs = _next_tokens(logits, temperature, top_p, generator)
+            running = progress.record(tokens.tolist(), logprobs.tolist(), last=step == max_new_tokens - 1)
+            if not any(running):
+                break
+            if 2 * sum(running) <= len(running):
+                rows = [row for row, runs in enumerate(running) if runs]
+                kept = torch.tensor(rows, device=device)
+                decoder.keep(kept)
+                progress.keep(rows)
+                tokens = tokens[kept]
+            logits = decoder.step(tokens)
+    return progress.samples(n)

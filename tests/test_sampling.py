@@ -1,0 +1,177 @@
+"""fastmem.sample on tiny random models: greedy equals HF greedy generate under the same memory, token for
+token; sampled log-probabilities equal teacher forcing; seeds reproduce; bad input fails before computing."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank, one_thread  # noqa: F401 (fixture)
+
+from fastmem import inject, patch
+from fastmem.sampling import _LockstepDecoder, sample
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+PROMPT_LENGTHS = [6, 4, 5, 3]               # one per row of MIXED_INDEX
+MEMORY_KINDS = [None, *KINDS]
+
+
+class LetterTokenizer:
+    """Decodes token id i as the letter ``chr(97 + i % 26)``: enough for stop strings and text."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def make_prompts(lengths=PROMPT_LENGTHS, seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=generator).tolist() for n in lengths]
+
+
+def memory_args(model, kind):
+    return {} if kind is None else {"bank": mixed_bank(model, kind), "index": MIXED_INDEX}
+
+
+def under_memory(model, memory: dict, row: int):
+    """`inject` with row ``row`` of the memory's index, or nothing without memory."""
+    if not memory:
+        return contextlib.nullcontext()
+    return inject(model, memory["bank"], memory["index"][row:row + 1])
+
+
+def generate_alone(model, prompt: list[int], memory: dict, row: int, **kwargs):
+    """HF greedy generate for one prompt (batch of one, no padding), under its memory when there is one."""
+    with under_memory(model, memory, row):
+        return model.generate(torch.tensor([prompt]), do_sample=False, pad_token_id=0, output_scores=True,
+                              return_dict_in_generate=True, **kwargs)
+
+
+def continuation_logprob(model, prompt: list[int], tokens: list[int], memory: dict, row: int) -> torch.Tensor:
+    """Sum of log p(token) over ``tokens`` after ``prompt``, from one full sequence under plain `inject` (the
+    unshared computation); differentiable into the memory when autograd is on."""
+    with under_memory(model, memory, row):
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0]
+    predicted = logits[len(prompt) - 1:-1].float().log_softmax(dim=-1)
+    return predicted.gather(1, torch.tensor(tokens)[:, None]).sum()
+
+
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_hf_generate(arch, kind):
+    model = patch(make_model(arch))
+    memory, prompts = memory_args(model, kind), make_prompts()
+    result = sample(model, prompts, n=2, max_new_tokens=10, temperature=0, eos_token_id=(), **memory)
+    for row, prompt in enumerate(prompts):
+        expected = generate_alone(model, prompt, memory, row, max_new_tokens=10, eos_token_id=None)
+        tokens = expected.sequences[0, len(prompt):].tolist()
+        logprob = sum(scores.log_softmax(-1)[0, token].item() for scores, token in zip(expected.scores, tokens))
+        for drawn in result[row]:
+            assert drawn.token_ids == tokens and drawn.finish_reason == "length" and drawn.text is None
+            assert abs(drawn.logprob - logprob) < 1e-4
+
+
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_greedy_stops_at_eos_like_generate_and_compacts_rows(kind, monkeypatch):
+    """Rows ending at different steps (eos) are dropped from the lockstep batch; the rest continue exactly."""
+    model = patch(make_model("qwen2"))
+    memory, prompts = memory_args(model, kind), make_prompts(seed=3)   # prompts 0, 1 can end early, 2, 3 not
+    unstopped = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, eos_token_id=(), **memory)
+    late = {token for samples in unstopped[2:] for token in samples[0].token_ids}
+    eos = [token for samples in unstopped[:2] for token in samples[0].token_ids[:6] if token not in late]
+    kept_rows, keep = [], _LockstepDecoder.keep
+
+    def counting_keep(decoder, rows):
+        kept_rows.append(len(rows))
+        keep(decoder, rows)
+
+    monkeypatch.setattr(_LockstepDecoder, "keep", counting_keep)
+    result = sample(model, prompts, n=2, max_new_tokens=12, temperature=0, eos_token_id=eos, **memory)
+
+    for row, prompt in enumerate(prompts):
+        expected = generate_alone(model, prompt, memory, row, max_new_tokens=12, eos_token_id=eos)
+        tokens = expected.sequences[0, len(prompt):].tolist()
+        ends = [t for t, token in enumerate(tokens) if token in eos]
+        tokens = tokens[:ends[0] + 1] if ends else tokens
+        for drawn in result[row]:
+            assert drawn.token_ids == tokens
+            assert drawn.finish_reason == ("eos" if ends else "length")
+    assert {drawn.finish_reason for samples in result for drawn in samples} == {"eos", "length"}
+    assert kept_rows, "rows finishing early should have been compacted away"
+
+
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_sampled_logprobs_equal_teacher_forcing(kind):
+    model = patch(make_model("llama"))
+    memory, prompts = memory_args(model, kind), make_prompts()
+    eos = list(range(3, 13))                              # frequent enough that some samples end early
+    result = sample(model, prompts, n=3, max_new_tokens=8, temperature=0.8, top_p=0.9, eos_token_id=eos, seed=0,
+                    tokenizer=LetterTokenizer(), **memory)
+    assert len(result) == len(prompts) and all(len(samples) == 3 for samples in result)
+    for row, prompt in enumerate(prompts):
+        for drawn in result[row]:
+            assert drawn.text == LetterTokenizer().decode(drawn.token_ids)
+            assert not any(token in eos for token in drawn.token_ids[:-1])
+            assert drawn.finish_reason == ("eos" if drawn.token_ids[-1] in eos else "length")
+            assert drawn.finish_reason == "eos" or len(drawn.token_ids) == 8
+            with torch.no_grad():
+                expected = continuation_logprob(model, prompt, drawn.token_ids, memory, row).item()
+            assert abs(drawn.logprob - expected) < 1e-4
+
+
+def test_same_seed_same_samples():
+    model = patch(make_model("gemma"))
+    memory, prompts = memory_args(model, "prefix"), make_prompts()
+    draws = [sample(model, prompts, n=4, max_new_tokens=6, seed=seed, **memory) for seed in (7, 7, 8)]
+    assert draws[0] == draws[1]
+    assert draws[0] != draws[2]
+
+
+def test_a_tiny_nucleus_is_greedy():
+    model = patch(make_model("llama"))
+    memory, prompts = memory_args(model, "soft_prompt"), make_prompts()
+    greedy = sample(model, prompts, n=1, max_new_tokens=6, temperature=0, **memory)
+    nucleus = sample(model, prompts, n=3, max_new_tokens=6, temperature=1.5, top_p=1e-6, seed=3, **memory)
+    for expected, samples in zip(greedy, nucleus):
+        assert all(drawn.token_ids == expected[0].token_ids for drawn in samples)
+
+
+def test_stop_strings_end_samples():
+    model = patch(make_model("mistral"))
+    tokenizer, stop = LetterTokenizer(), ["a", "bc"]
+    result = sample(model, make_prompts(), n=4, max_new_tokens=20, seed=1, eos_token_id=(), stop=stop,
+                    tokenizer=tokenizer)
+    reasons = {drawn.finish_reason for samples in result for drawn in samples}
+    assert "stop" in reasons
+    for drawn in (drawn for samples in result for drawn in samples):
+        assert any(s in drawn.text for s in stop) == (drawn.finish_reason == "stop")
+        assert not any(s in tokenizer.decode(drawn.token_ids[:-1]) for s in stop)
+
+
+def test_bad_input_is_refused_before_any_computation():
+    model = make_model("llama")
+    bank = mixed_bank(model, "prefix")
+    prompts = make_prompts()
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="not patched"):
+        sample(model, prompts)
+    patch(model)
+    cases = [
+        (ValueError, "non-empty list of prompts", dict(input_ids=[])),
+        (ValueError, "prompt 1 is empty", dict(input_ids=[[5], []])),
+        (ValueError, "prompt 0 holds token id 128", dict(input_ids=[[5, 128]])),
+        (ValueError, "prompt 0 must be a sequence of token ids", dict(input_ids=[[[5]]])),
+        (ValueError, "bank and index together", dict(bank=bank)),
+        (ValueError, "index has 2 rows but there are 4 prompts", dict(bank=bank, index=torch.tensor([0, 1]))),
+        (IndexError, r"slots \[3\]", dict(bank=bank, index=torch.tensor([0, 1, 2, 3]))),
+        (ValueError, "prompt 0 .* more than the model's context of 256", dict(max_new_tokens=251)),
+        (ValueError, "stop strings need a tokenizer", dict(stop="x")),
+        (ValueError, "temperature", dict(temperature=-1.0)),
+        (ValueError, "top_p", dict(top_p=0.0)),
+        (ValueError, "n must be a positive int", dict(n=0)),
+    ]
+    for error, message, kwargs in cases:
+        with pytest.raises(error, match=message):
+            sample(model, **{"input_ids": prompts, "max_new_tokens": 4, **kwargs})
+    assert not calls
