@@ -159,7 +159,9 @@ def _accuracy(answers: list[list[str | None]], problems: list[dict], equivalent)
 
 
 def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
-    """Baselines on the same problems, same temperature and n, no memory; plus fastmem's own figures."""
+    """Per-problem accuracies: baselines on the same problems (same temperature and n, no memory) and
+    fastmem's own (pass@1 over the samples drawn with the learner's memories, the control samples
+    excluded; maj@N of the answers it returned)."""
     from fastmem.sampling import sample
     from fastmem.voting import majority_vote
 
@@ -180,15 +182,16 @@ def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
     treated = [r["answers"][:r["memory_samples"]] for r in records]
     half = len(problems) // 2
     stream_pass = _accuracy(treated, problems, equivalent)
+    zero_shot_pass = _accuracy(zero_shot, problems, equivalent)
     return {
-        "zero-shot pass@1": mean_and_interval(_accuracy(zero_shot, problems, equivalent)),
-        "greedy": mean_and_interval(_accuracy(greedy, problems, equivalent)),
-        "maj@N": mean_and_interval(_accuracy(majority, problems, equivalent)),
-        "raw-trace ICL pass@1": mean_and_interval(_accuracy(icl, problems, equivalent)),
-        "fastmem pass@1 (stream)": mean_and_interval(stream_pass),
-        "fastmem pass@1 (second half)": mean_and_interval(stream_pass[half:]),
-        "zero-shot pass@1 (second half)": mean_and_interval(_accuracy(zero_shot, problems, equivalent)[half:]),
-        "fastmem maj@N (stream)": mean_and_interval([float(r["majority_correct"]) for r in records]),
+        "zero-shot pass@1": zero_shot_pass,
+        "greedy": _accuracy(greedy, problems, equivalent),
+        "maj@N": _accuracy(majority, problems, equivalent),
+        "raw-trace ICL pass@1": _accuracy(icl, problems, equivalent),
+        "fastmem pass@1 (stream)": stream_pass,
+        "zero-shot pass@1 (second half)": zero_shot_pass[half:],
+        "fastmem pass@1 (second half)": stream_pass[half:],
+        "fastmem maj@N (stream)": [float(r["majority_correct"]) for r in records],
     }
 
 
@@ -232,9 +235,9 @@ def print_summary(summary: dict, args) -> None:
     table.add_column("method")
     table.add_column("accuracy", justify="right")
     table.add_column("95% CI", justify="right")
-    for name, value in summary.items():
-        if isinstance(value, tuple):
-            mean, half_width = value
+    for name, values in summary.items():
+        if isinstance(values, list):
+            mean, half_width = mean_and_interval(values)
             table.add_row(name, f"{mean:.3f}", f"±{half_width:.3f}")
     table.add_row("problems/s", f"{summary['problems_per_s']:.2f}", "")
     Console().print(table)
