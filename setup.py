@@ -220,13 +220,14 @@ def _packages() -> list[str]:
 setup(
     name="fastmem",
     version=VERSION,
-    description="Memory-injected (prefix) attention with Triton and native kernels",
+    description="Fast test-time learning with latent memories: memory-injected attention kernels, batched per-memory training, the online loop",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=_packages(),
     package_dir={"fastmem": "fastmem", "fastmem.kernels": "kernels"},
     include_package_data=False,
+    package_data={"fastmem": ["assets/default_model/*"]},
     ext_modules=[CMakeExtension("fastmem._native")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
@@ -241,7 +242,7 @@ setup(
         "triton; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib"],
         "bench": ["matplotlib"],
         "faiss": ["faiss-cpu"],
     },

@@ -1,0 +1,88 @@
+"""Built-in data: seeded problem stream, answer extraction, tokenizer, and the shipped default model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from fastmem.data import (ANSWER_MARKER, FAMILIES, build_tokenizer, default_model_path, extract_answer,
+                          generate_solutions, load_default_model, majority_answer, sampled_accuracy, stream)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    torch.manual_seed(0)
+    return load_default_model()
+
+
+def test_stream_is_deterministic_by_seed():
+    assert list(stream(3, 50)) == list(stream(3, 50))
+    assert list(stream(3, 50)) != list(stream(4, 50))
+    assert list(stream(3, 10)) == list(stream(3, 50))[:10]
+
+
+def test_stream_covers_every_family_and_can_be_restricted():
+    assert {problem["family"] for problem in stream(0, 200)} == set(FAMILIES)
+    assert {problem["family"] for problem in stream(0, 50, families=["linear"])} == {"linear"}
+
+
+def test_solutions_are_multi_step_and_end_with_the_answer():
+    for problem in stream(1, 200):
+        trace, answer = problem["solution"].rsplit(ANSWER_MARKER, 1)
+        assert answer == problem["answer"] == extract_answer(problem["solution"])
+        assert trace.count(",") >= 2, problem
+
+
+def test_linear_solutions_are_correct():
+    for problem in stream(2, 50, families=["linear"]):
+        left, right = problem["question"].rstrip("?").split("=")
+        x = int(problem["answer"])
+        assert eval(left.replace("x", f"*{x}")) == eval(right.replace("x", f"*{x}"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" 12+7=19,19-5=14 => 14", "14"),
+    ("x=-3 => -3", "-3"),
+    ("=> 5 then => 7", "7"),
+    (" 12+7=19,19-5=14", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_majority_answer_ignores_unanswered_samples():
+    assert majority_answer(["=> 3", "=> 4", "no answer", "=> 4"]) == "4"
+    assert majority_answer(["no answer"]) is None
+
+
+def test_tokenizer_round_trip_and_special_tokens(tmp_path):
+    build_tokenizer().save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    for problem in stream(5, 50):
+        text = problem["question"] + problem["solution"]
+        ids = tokenizer(text).input_ids
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+        assert len(ids) == len(text) + 1
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
+
+
+def test_shipped_tokenizer_matches_builder():
+    shipped = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    assert shipped.get_vocab() == build_tokenizer().get_vocab()
+
+
+def test_default_model_is_small_and_matches_tokenizer(default_model):
+    model, tokenizer = default_model
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.vocab_size == len(tokenizer)
+    assert sum(parameter.numel() for parameter in model.parameters()) < 2_000_000
+
+
+def test_default_model_answers_in_format_and_beats_chance(default_model):
+    model, tokenizer = default_model
+    problems = list(stream(0, 30))
+    completions = generate_solutions(model, tokenizer, [problem["question"] for problem in problems], do_sample=False)
+    assert sum(extract_answer(texts[0]) is not None for texts in completions) >= 27
+    assert sampled_accuracy(problems, completions)["pass@1"] > 0.1
