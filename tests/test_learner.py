@@ -13,16 +13,11 @@ from fastmem.data import build_tokenizer, stream
 from fastmem.learner import OnlineLearner
 from fastmem.store import MemoryStore
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 SMALL_RUN = ["--n", "3", "--steps", "1", "--batch-size", "4", "--max-new-tokens", "6", "--no-baselines"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,10 @@ KINDS = {"soft_prompt": (MemoryBank.soft_prompts, PromptTuningConfig),
 ARCHS = sorted(ARCHITECTURES)
 VIRTUAL_TOKENS = 3
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run far faster on one thread than with intra-op threads competing for busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(arch: str, seed: int = 0):

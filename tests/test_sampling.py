@@ -6,12 +6,13 @@ import contextlib
 
 import pytest
 import torch
-from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank, one_thread  # noqa: F401 (fixture)
+from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank
 
 from fastmem import inject, patch
 from fastmem.sampling import _LockstepDecoder, sample
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 PROMPT_LENGTHS = [6, 4, 5, 3]               # one per row of MIXED_INDEX
 MEMORY_KINDS = [None, *KINDS]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_patch import ARCHS, KINDS, make_model, one_thread  # noqa: F401 (one_thread: module fixture)
+from test_patch import ARCHS, KINDS, make_model
 from test_sampling import continuation_logprob
 
 from fastmem import MemoryBank, patch
 from fastmem.training import MemoryTrainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 OBJECTIVES = ["sft", "reinforce"]
 RTOL = 2e-5
