@@ -242,7 +242,8 @@ setup(
         "triton; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib"],
+        # pybind11 and g++ build the CUDA-kernel host emulator in tests; faiss checks FAISS search.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib", "pybind11", "faiss-cpu"],
         "bench": ["matplotlib"],
         "faiss": ["faiss-cpu"],
     },
