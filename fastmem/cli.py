@@ -104,7 +104,8 @@ def run(args) -> dict:
     model, tokenizer = load_model(args.model)
     learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
                             memory=args.memory, length=args.length, lr=args.lr, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            extract_answer=_extractor(args))
     learner.batches_done = len(done) // args.batch_size
     records = list(done)
     started = time.perf_counter()
@@ -135,6 +136,17 @@ def run(args) -> dict:
         summary.update(compare(learner, problems, records, args))
     print_summary(summary, args)
     return summary
+
+
+def _extractor(args):
+    """The built-in stream's ``=> N`` format for the built-in data, else the generic extractor."""
+    if args.data is None:
+        from fastmem.data import extract_answer
+
+        return extract_answer
+    from fastmem.voting import extract_answer
+
+    return extract_answer
 
 
 def _read_done(out_path: Path | None) -> list[dict]:

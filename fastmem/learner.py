@@ -36,7 +36,7 @@ from fastmem.memory import MemoryBank
 from fastmem.sampling import sample
 from fastmem.store import MemoryStore
 from fastmem.training import MemoryTrainer
-from fastmem.voting import answers_equivalent, majority_vote
+from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
 KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
 GRANULARITIES = ("problem", "cluster")
@@ -69,7 +69,8 @@ class OnlineLearner:
     tokenizer; store: a `MemoryStore`. n: samples per question; steps: Adam steps per batch; top_k:
     memories retrieved; kind: "soft_prompt" or "prefix"; memory: "cluster" or "problem". The
     remaining keywords are documented in the module docstring; ``extract_answer`` maps a sample's
-    text to its final answer (None when absent), ``equivalent`` compares two answers, ``embed_fn``
+    text to its final answer (None when absent; default `fastmem.voting.extract_answer`: boxed,
+    marked or last number), ``equivalent`` compares two answers, ``embed_fn``
     maps a list of questions to keys ``[B, d]``.
     """
 
@@ -78,7 +79,7 @@ class OnlineLearner:
                  objective: str = "sft", temperature: float = 1.0, max_new_tokens: int = 96,
                  control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
                  cluster_similarity: float = 0.9, resample: bool = False, batch_size: int = 16,
-                 extract_answer: Callable[[str], str | None] | None = None,
+                 extract_answer: Callable[[str], str | None] = extract_answer,
                  equivalent: Callable[[str, str], bool] = answers_equivalent,
                  embed_fn: Callable[[list[str]], Tensor] | None = None, seed: int = 0):
         import fastmem
@@ -98,7 +99,7 @@ class OnlineLearner:
         self.temperature, self.max_new_tokens, self.control = temperature, max_new_tokens, control
         self.gate_trials, self.min_similarity = gate_trials, min_similarity
         self.cluster_similarity, self.resample, self.batch_size = cluster_similarity, resample, batch_size
-        self.extract_answer = extract_answer or _default_extractor()
+        self.extract_answer = extract_answer
         self.equivalent = equivalent
         self.embed_fn = embed_fn or self.embed
         self.seed, self.batches_done = seed, 0
@@ -259,8 +260,3 @@ def _write_vector(bank: MemoryBank, slot: int, vector: Tensor) -> None:
         raise ValueError(f"a stored memory of {vector.numel()} values does not fit this bank's slots of {offset}")
     bank.write_slot_rows(slots, rows)
 
-
-def _default_extractor() -> Callable[[str], str | None]:
-    from fastmem.data import extract_answer
-
-    return extract_answer

@@ -6,11 +6,35 @@ self-made reward of the online loop.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
 from math_verify import parse, verify
+
+
+_MARKED = re.compile(r"(?:=>|[Aa]nswer(?: is)?\s*[:=]?)\s*(-?[\d.,/]*\d)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str | None) -> str | None:
+    """A sample's final answer: the last ``\\boxed{...}``, else the number after the last ``=>`` or
+    "answer is", else the last number in the text; None when there is none."""
+    if not text:
+        return None
+    boxed = text.rfind("\\boxed{")
+    if boxed >= 0:
+        depth, start = 0, boxed + len("\\boxed{")
+        for position in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            if depth < 0:
+                return text[start:position].strip() or None
+    for pattern in (_MARKED, _NUMBER):
+        found = pattern.findall(text)
+        if found:
+            return found[-1].replace(",", "") if pattern is _NUMBER else found[-1]
+    return None
 
 
 @lru_cache(maxsize=65_536)

@@ -1,7 +1,7 @@
 """Answer equivalence and majority vote."""
 import pytest
 
-from fastmem.voting import answers_equivalent, majority_vote
+from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
 
 @pytest.mark.parametrize("first, second, same", [
@@ -33,3 +33,16 @@ def test_tie_goes_to_first_seen_and_no_answers_give_none():
 def test_custom_equivalence():
     vote = majority_vote(["a1", "b1", "a2"], equivalent=lambda x, y: x[0] == y[0])
     assert vote.answer == "a1" and vote.agrees == (True, False, True)
+
+
+@pytest.mark.parametrize("text, answer", [
+    (" 1:3,2:5 => 7", "7"),
+    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+    ("The answer is 42.", "42"),
+    ("x=3 then 1,234 apples", "1234"),
+    ("answer: 3/4", "3/4"),
+    ("no number here", None),
+    ("", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
