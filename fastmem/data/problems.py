@@ -1,4 +1,4 @@
-"""Synthetic multi-step problems: four families, a seeded stream, and answer extraction.
+"""Synthetic multi-step problems: three families, a seeded stream, and answer extraction.
 
 Every problem is a one-line question and a solution: a trace of intermediate results, then
 `` => ANSWER``. Each step needs only the previous result(s) and constants named in the question,
@@ -13,19 +13,6 @@ from collections.abc import Callable, Iterator
 
 ANSWER_MARKER = " => "
 _ANSWER_PATTERN = re.compile(r"=>\s*(-?\d+)")
-
-
-def _add_until(rng: random.Random) -> tuple[str, list[str], int]:
-    """Add (or subtract) a step until passing a bound, listing each value from the start: ``37+8 until >80?``."""
-    step, num_steps = rng.randint(3, 9), rng.randint(5, 8)
-    start = rng.randint(1, 98 - step * num_steps)
-    if rng.random() < 0.5:
-        bound = start + step * num_steps - rng.randint(1, step)
-        question, values = f"{start}+{step} until >{bound}?", [start + step * k for k in range(1, num_steps + 1)]
-    else:
-        start, bound = 99 - start, 99 - (start + step * num_steps - rng.randint(1, step))
-        question, values = f"{start}-{step} until <{bound}?", [start - step * k for k in range(1, num_steps + 1)]
-    return question, [str(start), *map(str, values)], values[-1]
 
 
 def _indexed(values: list[int]) -> list[str]:
@@ -61,7 +48,6 @@ def _linear(rng: random.Random) -> tuple[str, list[str], int]:
 
 
 FAMILIES: dict[str, Callable[[random.Random], tuple[str, list[str], int]]] = {
-    "add_until": _add_until,
     "multiply_mod": _multiply_mod,
     "fibonacci_mod": _fibonacci_mod,
     "linear": _linear,
