@@ -6,6 +6,7 @@ matters when that backend is asked for.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -40,8 +41,9 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(BACKEND_MODULES[name])
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable_reason(name: str) -> str | None:
-    """None when backend ``name`` can run here, else why not."""
+    """None when backend ``name`` can run here, else why not (checked once per process)."""
     try:
         module = importlib.import_module(BACKEND_MODULES[name])
     except Exception as error:  # ImportError, or a broken build raising at import
@@ -64,8 +66,11 @@ def supports(name: str, device: torch.device, dtype: torch.dtype, head_dim: int)
     return False
 
 
+@functools.lru_cache(maxsize=256)
 def resolve(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """Concrete backend for ``name`` ("auto" picks by `AUTO_PREFERENCE`); errors when it cannot run."""
+    """Concrete backend for ``name`` ("auto" picks by `AUTO_PREFERENCE`); errors when it cannot run.
+
+    Cached: it runs in both raw ops of every call (every layer, every decode step)."""
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
             if unavailable_reason(candidate) is None and supports(candidate, device, dtype, head_dim):
