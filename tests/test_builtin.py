@@ -1,12 +1,16 @@
 """Built-in data: seeded problem stream, answer extraction, tokenizer, and the shipped default model."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from fastmem.data import (ANSWER_MARKER, FAMILIES, build_tokenizer, default_model_path, extract_answer,
-                          generate_solutions, load_default_model, majority_answer, sampled_accuracy, stream)
+                          generate_solutions, load_default_model, majority_answer, sampled_accuracy, save_tokenizer,
+                          stream)
+from fastmem.data.tokenizer import PORTABLE_TOKENIZER_CLASS
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,7 @@ def test_majority_answer_ignores_unanswered_samples():
 
 
 def test_tokenizer_round_trip_and_special_tokens(tmp_path):
-    build_tokenizer().save_pretrained(tmp_path)
+    save_tokenizer(build_tokenizer(), tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     for problem in stream(5, 50):
         text = problem["question"] + problem["solution"]
@@ -66,6 +70,18 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
         assert len(ids) == len(text) + 1
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
+
+
+@pytest.mark.parametrize("directory", ["shipped", "saved"])
+def test_tokenizer_config_names_a_class_transformers_4_knows(directory, tmp_path):
+    """setup.py allows transformers >= 4.56, which has no "TokenizersBackend" (the name 5.x saves); loading
+    the shipped model there failed with "Tokenizer class TokenizersBackend does not exist"."""
+    if directory == "saved":
+        save_tokenizer(build_tokenizer(), tmp_path)
+    path = default_model_path() if directory == "shipped" else tmp_path
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == PORTABLE_TOKENIZER_CLASS == "PreTrainedTokenizerFast"
+    assert config["padding_side"] == "left"
 
 
 def test_shipped_tokenizer_matches_builder():
