@@ -149,9 +149,21 @@ class InjectionContext:
 
     @classmethod
     def for_memory(cls, memory: Memory, key_start: Tensor | None = None) -> "InjectionContext":
-        """The handler attending to ``memory``; it expects gradients when autograd is on and the pool needs them."""
+        """The handler attending to ``memory``; it expects gradients when autograd is on and the pool needs them.
+
+        Checks the slot ids and slot lengths here, in the one host sync this needs anyway, so that every
+        layer's `prefix_attention` skips its own check (key_start comes from a checked mask)."""
         tensors = [t for pair in memory.pool.layers for t in pair]
-        return cls(memory, key_start, int(memory.row_lengths().max()), _needs_grad(tensors))
+        lengths, index = memory.pool.lengths, memory.index
+        in_range = index.clamp(max=lengths.shape[0] - 1)  # a bad id must fail the check below, not the gather
+        longest, index_min, index_max, lens_min, lens_max = torch.stack([
+            t.long() for t in (memory_lengths(lengths, in_range).max(), index.min(), index.max(), lengths.min(),
+                               lengths.max())]).tolist()
+        num_slots, pool_len = tensors[0].shape[:2]
+        if index_min < -1 or index_max >= num_slots or lens_min < 0 or lens_max > pool_len:
+            raise IndexError(f"memory index in [{index_min}, {index_max}] or slot lengths in [{lens_min}, "
+                             f"{lens_max}] out of range for a pool of {num_slots} slots of {pool_len} positions")
+        return cls(memory, key_start, longest, _needs_grad(tensors))
 
     def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask, *,
                scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
@@ -170,7 +182,7 @@ class InjectionContext:
         out = prefix_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                pool_keys.to(query.dtype), pool_values.to(query.dtype), self.memory.index,
                                self.memory.pool.lengths, causal=True, softmax_scale=scaling,
-                               key_start=self.key_start)
+                               key_start=self.key_start, check_index=False)
         return out, None
 
 

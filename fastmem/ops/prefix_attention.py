@@ -35,8 +35,9 @@ def _check_index_values(index: Tensor, lens: Tensor, key_start: Tensor, num_slot
 @torch.library.custom_op("fastmem::prefix_attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, index: Tensor,
                 lens: Tensor, key_start: Tensor, causal: bool, softmax_scale: float,
-                backend: str) -> tuple[Tensor, Tensor]:
-    _check_index_values(index, lens, key_start, prefix_k.shape[0], prefix_k.shape[1], k.shape[1])
+                backend: str, check_index: bool) -> tuple[Tensor, Tensor]:
+    if check_index:
+        _check_index_values(index, lens, key_start, prefix_k.shape[0], prefix_k.shape[1], k.shape[1])
     name = backends.resolve(backend, q.device, q.dtype, q.shape[-1])
     out, lse = backends.load(name).forward(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal,
                                            softmax_scale)
@@ -44,7 +45,8 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Ten
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal, softmax_scale, backend):
+def _forward_fake(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal, softmax_scale, backend,
+                  check_index):
     batch, q_len, q_heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, q_heads, q_len), dtype=torch.float32)
 
@@ -66,7 +68,7 @@ def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, index, lens, key_start, causal, softmax_scale, backend = inputs
+    q, k, v, prefix_k, prefix_v, index, lens, key_start, causal, softmax_scale, backend, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse)
     ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
@@ -76,7 +78,7 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse = ctx.saved_tensors
     grads = _backward_op(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse,
                          ctx.causal, ctx.softmax_scale, ctx.backend)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -137,7 +139,7 @@ def _validate(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_start)
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                      prefix_index: Tensor, prefix_lens: Tensor | None = None, *, causal: bool = True,
                      softmax_scale: float | None = None, key_start: Tensor | None = None,
-                     backend: str = "auto") -> Tensor:
+                     backend: str = "auto", check_index: bool = True) -> Tensor:
     """Attention in which each row first attends to its own slots of a shared pool.
 
     q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``Hq % Hkv == 0`` and ``Tk >= Tq``.
@@ -151,6 +153,9 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     ``j <= i + Tk - Tq`` when ``causal`` (bottom-right alignment), or all of them when not.
     A query that sees no key at all gets a zero output.
     softmax_scale defaults to ``D ** -0.5``. backend: "auto", "torch", "triton" or "native".
+    check_index: verify that prefix_index, prefix_lens and key_start hold in-range values before any kernel
+    runs (one host sync). Pass False only for values already verified by the caller (as `fastmem.inject`
+    does once per model forward instead of once per layer); out-of-range values are then undefined behaviour.
     Returns ``[B, Tq, Hq, D]`` in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v; a slot
     used several times receives the sum of its gradients, deterministically.
     """
@@ -166,5 +171,6 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if q.numel() == 0:
         return q.new_zeros(q.shape)
-    out, _ = _forward_op(q, k, v, prefix_k, prefix_v, index, lens, starts, bool(causal), scale, backend)
+    out, _ = _forward_op(q, k, v, prefix_k, prefix_v, index, lens, starts, bool(causal), scale, backend,
+                         bool(check_index))
     return out
