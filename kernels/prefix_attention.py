@@ -6,9 +6,10 @@ the slots in place (gather by slot id); the concatenation is never materialized.
 host interface follow ``docs/backend_contract.md``; the spec is ``prefix_attention_ref.prefix_attention_ref``.
 
 Kernels: ``_prefix_attn_fwd`` (fixed query block), ``_attn_bwd_preprocess`` (delta = rowsum(dO * O)),
-``_prefix_attn_bwd_dq`` (fixed query block) and ``_prefix_attn_bwd_dkdv`` (fixed key block; run once for the
-own keys and once for every prefix use ``(b, m)``, whose fp32 partials are summed into the pool gradient by
-``sum_into_slots``). No atomics: every output element is written by one program, so results are bitwise
+``_prefix_attn_bwd_dq`` (fixed query block), ``_prefix_attn_bwd_dkdv`` (fixed key block; run once for the
+own keys and once for every prefix use ``(b, m)``, writing fp32 per-use partials) and ``_sum_slot_partials``
+(each slot sums its uses' partials in ascending ``(b, m)`` order: the bits of ``sum_into_slots``, with no
+host sync). No atomics: every output element is written by one program, so results are bitwise
 deterministic. Accumulation is fp32; every ``tl.dot`` uses ``input_precision="ieee"`` so fp32 inputs get exact
 fp32 products (no TF32), while fp16 / bf16 inputs still run on tensor cores.
 
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_ref import sum_into_slots
+from .prefix_attention_ref import slot_use_lists
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -369,6 +370,33 @@ def _prefix_attn_bwd_dkdv(Q, DO, LSE, Delta, K, V, Index, Lens, KeyStart, DK, DV
              dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
+@triton.jit
+def _sum_slot_partials(Partial, Offsets, Uses, Out, use_numel, BLOCK: tl.constexpr):
+    """Out[s] = sum of Partial[u] over slot s's uses u (CSR Offsets / Uses), in order, fp32, cast on store.
+
+    Grid ``(S, cdiv(use_numel, BLOCK))``; Partial ``[B * M, use_numel]`` fp32, Out ``[S, use_numel]``.
+    """
+    slot = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < use_numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for e in range(tl.load(Offsets + slot), tl.load(Offsets + slot + 1)):
+        use = tl.load(Uses + e).to(tl.int64)
+        acc += tl.load(Partial + use * use_numel + offs, mask=mask, other=0.0)
+    tl.store(Out + slot.to(tl.int64) * use_numel + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def _sum_into_slots(partial: torch.Tensor, offsets: torch.Tensor, uses: torch.Tensor, num_slots: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``[B, M, P, Hkv, D]`` fp32 per-use partials -> ``[S, P, Hkv, D]`` in ``dtype`` (see `_sum_slot_partials`)."""
+    out = torch.empty((num_slots, *partial.shape[2:]), dtype=dtype, device=partial.device)
+    use_numel = out[0].numel()
+    block = 1024
+    _sum_slot_partials[(num_slots, triton.cdiv(use_numel, block))](partial, offsets, uses, out, use_numel,
+                                                                   BLOCK=block)
+    return out
+
+
 # BLOCK_D -> (BLOCK_M, BLOCK_N, num_warps): 16-bit inputs (tensor cores), then fp32 inputs (exact fp32 dots, which
 # run on the FMA units and need much smaller tiles to stay in registers). Checked with ptxas for sm_90.
 _TILES = {
@@ -426,8 +454,8 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out,
     """Prefix attention backward (inputs as in `forward`; out, lse from it; grad_out like out).
 
     Returns dq ``[B, Tq, Hq, D]``, dk, dv ``[B, Tk, Hkv, D]`` and dprefix_k, dprefix_v ``[S, P, Hkv, D]``, all in
-    the input dtype. The pool gradients sum per-use fp32 partials ``[B, M, P, Hkv, D]`` with `sum_into_slots`
-    (fixed order, bitwise deterministic).
+    the input dtype. The pool gradients sum per-use fp32 partials ``[B, M, P, Hkv, D]`` per slot in a fixed
+    order (the bits of `sum_into_slots`), with no host sync.
     """
     grad_out, q, k, v, prefix_k, prefix_v, out = (_unit_last(x) for x in (grad_out, q, k, v, prefix_k, prefix_v, out))
     lse = lse.contiguous()
@@ -464,6 +492,7 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out,
             *_strides(q), *_strides(grad_out), *_strides(prefix_k), *_strides(prefix_v),
             *_strides(dpk_use), *_strides(dpv_use),
             softmax_scale, q_len, k_len, prefix_len, uses, kv_heads, group, PREFIX=True, CAUSAL=False, **cfg)
-    dprefix_k = sum_into_slots(dpk_use, index, num_slots).to(prefix_k.dtype)
-    dprefix_v = sum_into_slots(dpv_use, index, num_slots).to(prefix_v.dtype)
+    offsets, slot_uses = slot_use_lists(index, num_slots)
+    dprefix_k = _sum_into_slots(dpk_use, offsets, slot_uses, num_slots, prefix_k.dtype)
+    dprefix_v = _sum_into_slots(dpv_use, offsets, slot_uses, num_slots, prefix_v.dtype)
     return dq, dk, dv, dprefix_k, dprefix_v

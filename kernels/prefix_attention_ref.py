@@ -43,6 +43,22 @@ def sum_into_slots(per_use: Tensor, index: Tensor, num_slots: int) -> Tensor:
     return out
 
 
+def slot_use_lists(index: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
+    """Each slot's uses as CSR, for kernels that reduce per-use partials in `sum_into_slots`' order.
+
+    index: ``[B, M]`` slot ids, ``-1`` unused. Returns offsets int32 ``[S + 1]`` and flat use ids
+    ``b * M + m`` int32 ``[B * M]``: slot s's uses are ``uses[offsets[s]:offsets[s + 1]]``, ascending.
+    Unused entries sort after every slot and are never read. No host sync.
+    """
+    flat = index.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_slots))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    offsets = torch.zeros(num_slots + 1, dtype=torch.int64, device=index.device)
+    offsets[1:] = counts.cumsum(0)
+    return offsets.to(torch.int32), order.to(torch.int32)
+
+
 class _GatherSlots(torch.autograd.Function):
     """``pool[index.clamp(min=0)]`` with a deterministic backward (`sum_into_slots`)."""
 

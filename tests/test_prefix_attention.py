@@ -186,6 +186,20 @@ def test_pool_gradient_is_sum_over_uses():
                                                    torch.zeros(2)]))
 
 
+@pytest.mark.skipif(backends.unavailable_reason("triton") is not None, reason="needs Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_slot_reduction_has_the_bits_of_sum_into_slots(dtype):
+    """The kernel summing per-use partials per slot (CSR of uses, no host sync) = `sum_into_slots`, bit
+    for bit; slots without a use get zeros, and a slot used by every row sums them all in (b, m) order."""
+    from fastmem.kernels.prefix_attention import _sum_into_slots
+    from fastmem.kernels.prefix_attention_ref import slot_use_lists
+    index = torch.tensor([[3, -1, 0], [3, 3, -1], [0, 2, 3], [-1, -1, -1], [3, 0, 2]], dtype=torch.int32)
+    partial = torch.randn(5, 3, 7, 2, 24) * 1e3  # large values: a different order changes the low bits
+    offsets, uses = slot_use_lists(index, num_slots=5)
+    got = _sum_into_slots(partial, offsets, uses, 5, dtype)
+    assert torch.equal(got, sum_into_slots(partial, index, num_slots=5).to(dtype))
+
+
 def test_fully_masked_query_is_zero_with_zero_gradient():
     case = CASES[4]  # row 2: no slot, key_start = Tk -> its queries see nothing
     tensors, extra = make_inputs(case, torch.float32)

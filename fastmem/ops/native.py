@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastmem.kernels.prefix_attention_ref import slot_use_lists
+
 try:
     from fastmem import _native
 except Exception as _error:  # ImportError (not built), or a broken build
@@ -114,18 +116,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     return out, lse
 
 
-def _slot_lists(index: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
-    """CSR of each slot's uses: offsets int32 ``[S + 1]`` and flat use ids ``b * M + m`` (int32),
-    ascending within a slot. Unused entries (-1) sort after every slot and are never read. No host sync."""
-    flat = index.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_slots))
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
-    offsets = torch.zeros(num_slots + 1, dtype=torch.int64, device=index.device)
-    offsets[1:] = counts.cumsum(0)
-    return offsets.to(torch.int32), order.to(torch.int32)
-
-
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
               index: Tensor, lens: Tensor, key_start: Tensor, out: Tensor, lse: Tensor, causal: bool,
               softmax_scale: float) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
@@ -146,7 +136,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tenso
     partial_k = torch.empty((batch, uses, prefix_len, kv_heads, head_dim), dtype=torch.float32, device=device)
     partial_v = torch.empty_like(partial_k)
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device)
-    offsets, slot_uses = _slot_lists(index, num_slots)
+    offsets, slot_uses = slot_use_lists(index, num_slots)
 
     p = _params(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal, softmax_scale)
     p.out, p.grad_out = _arg(out), _arg(grad_out)
