@@ -1,6 +1,7 @@
 // pybind11 module fastmem._native: the native prefix attention backend, driven by raw pointers.
 // The Python wrapper (fastmem/ops/native.py) owns every tensor; nothing here links torch.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -147,6 +148,9 @@ PYBIND11_MODULE(_native, m) {
         "Writes out and lse (CPU tensors).");
   m.def("backward_cpu", &fastmem::pa::cpu::backward, py::arg("params"), nogil,
         "Writes delta, dq, dk, dv, the per-use partials and dprefix_k / dprefix_v (CPU tensors).");
+  m.def("cpu_isas", &fastmem::pa::cpu::isas, "CPU builds of the kernels this CPU runs, widest first.");
+  m.def("cpu_isa", &fastmem::pa::cpu::isa, "The CPU build forward_cpu / backward_cpu use.");
+  m.def("set_cpu_isa", &fastmem::pa::cpu::set_isa, py::arg("name"), "Choose the CPU build (tests).");
   m.def("forward_cuda", &forward_cuda, py::arg("params"), nogil,
         "Launches the forward on params.stream (CUDA tensors); asynchronous.");
   m.def("backward_cuda", &backward_cuda, py::arg("params"), nogil,

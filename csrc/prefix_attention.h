@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace fastmem {
 namespace pa {
@@ -49,6 +51,9 @@ struct Params {
 namespace cpu {
 void forward(const Params& p);
 void backward(const Params& p);
+std::vector<std::string> isas();        // builds this CPU runs, widest first
+std::string isa();                      // the build forward / backward use
+void set_isa(const std::string& name);  // choose a build (tests); std::invalid_argument if it cannot run
 }  // namespace cpu
 
 #ifdef FASTMEM_WITH_CUDA

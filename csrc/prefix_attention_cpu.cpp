@@ -1,11 +1,18 @@
-// CPU backend of prefix attention: tiles of keys / queries converted to fp32 scratch buffers, the math
-// from prefix_attention_tile.h, work items spread over std::thread workers.
+// CPU backend of prefix attention: FlashAttention-2 over fp32 tiles, every tile product a
+// register-blocked micro-kernel (cpu_tile_math.h), work items spread over std::thread workers.
 //
-// Determinism: every output element is written by exactly one work item, and an item's arithmetic
-// depends only on fixed tile grids (keys in tiles of kKeyTile aligned at 0 in each segment, queries
-// in tiles of kQueryTile aligned at 0), never on the thread that runs it or on the thread count.
-// Pool gradients go through fp32 per-use partials reduced per slot in (b, m) order, which gives the
-// same bits as kernels/prefix_attention_ref.py::sum_into_slots followed by a cast.
+// Built once per ISA (FASTMEM_CPU_ISA = base, avx2 or avx512; see CMakeLists.txt) into
+// namespace cpu::<isa>; prefix_attention_cpu_dispatch.cpp picks the best one the CPU runs.
+//
+// Forward: item = (b, kv head, query tile); its rows are the GQA group's heads x the tile's queries,
+// so each key tile is converted once and shared by the whole group. Per key tile: S = Q K^T (K^T
+// packed), masking by row ranges, online softmax with a vectorized exp, acc += P V.
+// Backward: item = (b, kv head): query tiles in order, their visible key tiles in order; S and P are
+// recomputed, dP = dO V^T, dS = P (dP - delta); dq of the query tile, and dk / dv of the row's own keys
+// and of each pool use, accumulate in the item's fp32 buffers. Pool gradients leave as fp32 per-use
+// partials, reduced per slot in (b, m) order (the bits of sum_into_slots on them, then a cast).
+// Determinism: every output element is written by one item, whose arithmetic depends only on the
+// fixed tile grids (never on the thread that runs it or on the thread count).
 #include <algorithm>
 #include <atomic>
 #include <exception>
@@ -16,14 +23,23 @@
 
 #include "prefix_attention.h"
 #include "prefix_attention_tile.h"
+#include "cpu_tile_math.h"
+
+#ifndef FASTMEM_CPU_ISA
+#define FASTMEM_CPU_ISA base
+#endif
 
 namespace fastmem {
 namespace pa {
 namespace cpu {
+namespace FASTMEM_CPU_ISA {
 namespace {
 
-constexpr int64_t kKeyTile = 64;    // keys per tile (fp32 scratch: 2 * 64 * D floats)
-constexpr int64_t kQueryTile = 32;  // queries per work item (per head of the GQA group)
+using cpu_math::exp_nonpositive;
+using cpu_math::tile_product;
+
+constexpr int64_t kKeyTile = 64;    // keys per tile; S / P tiles are kKeyTile wide
+constexpr int64_t kQueryTile = 32;  // queries per tile (per head of the GQA group)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -66,10 +82,19 @@ T* at_mut(const TensorArg& t, int64_t a, int64_t b, int64_t c) {
   return reinterpret_cast<T*>(t.ptr) + a * t.stride0 + b * t.stride1 + c * t.stride2;
 }
 
-// Converts rows [r0, r0 + n) of dimension 1 of `t` (fixed dim0 = a, dim2 = h) into dst (ld = d).
+// Rows [r0, r0 + n) of dimension 1 of `t` (dim0 = a, dim2 = h) as fp32 rows of d floats.
 template <class T>
 void load_tile(const TensorArg& t, int64_t a, int64_t r0, int64_t n, int64_t h, int64_t d, float* dst) {
   for (int64_t r = 0; r < n; ++r) load_row<T>(at<T>(t, a, r0 + r, h), d, dst + r * d);
+}
+
+// fp32 rows [n, d] -> columns [d, kKeyTile] (columns n.. zero), the B operand of Q K^T and dO V^T.
+void pack_transposed(const float* rows, int64_t n, int64_t d, float* cols) {
+  for (int64_t c = 0; c < d; ++c) {
+    float* col = cols + c * kKeyTile;
+    for (int64_t r = 0; r < n; ++r) col[r] = rows[r * d + c];
+    for (int64_t r = n; r < kKeyTile; ++r) col[r] = 0.0f;
+  }
 }
 
 struct Dims {
@@ -79,9 +104,16 @@ struct Dims {
         S(p.num_slots), P(p.prefix_len), M(p.uses), group(p.q_heads / p.kv_heads) {}
 };
 
-// Visits every key tile row b's queries [i0, i0 + nq) may see, in the fixed order
-// (pool entries m = 0..M-1, then own keys). visit(keys TensorArg, dim0, first row, n, own) with
-// own = false for pool tiles (all rows visible), true for own-key tiles starting at key j0.
+// One key tile a query tile may see: n keys of `keys`/`values` starting at row `first` of dim 1,
+// dim0 = `owner` (the slot, or the batch row for own keys). use = m for the pool, -1 for own keys.
+struct KeyTile {
+  const TensorArg* keys;
+  const TensorArg* values;
+  int64_t owner, first, n, use;
+};
+
+// Calls visit(KeyTile) for every key tile that queries [i0, i_last] of row b may see, in the fixed
+// order: pool entries m = 0..M-1, then own keys from the tile holding key_start.
 template <class Visit>
 void for_each_key_tile(const Params& p, const Dims& s, int64_t b, int64_t i_last, const Visit& visit) {
   const int32_t* index = reinterpret_cast<const int32_t*>(p.index);
@@ -90,58 +122,111 @@ void for_each_key_tile(const Params& p, const Dims& s, int64_t b, int64_t i_last
     const int32_t slot = index[b * s.M + m];
     const int64_t len = slot_visible_len(slot, lens);
     for (int64_t p0 = 0; p0 < len; p0 += kKeyTile)
-      visit(p.prefix_k, p.prefix_v, (int64_t)slot, p0, std::min(kKeyTile, len - p0), false);
+      visit(KeyTile{&p.prefix_k, &p.prefix_v, (int64_t)slot, p0, std::min(kKeyTile, len - p0), m});
   }
   const int64_t key_start = reinterpret_cast<const int32_t*>(p.key_start)[b];
   const int64_t j_end = own_key_end(i_last, s.Tq, s.Tk, p.causal);
   for (int64_t j0 = (key_start / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile)
-    visit(p.k, p.v, b, j0, std::min(kKeyTile, j_end - j0), true);
+    visit(KeyTile{&p.k, &p.v, b, j0, std::min(kKeyTile, j_end - j0), -1});
+}
+
+// The query tile's rows (group heads x nq queries, row r = query i0 + r % nq) and their visible
+// columns [lo, hi) of a key tile.
+void visible_columns(const Params& p, const Dims& s, const KeyTile& tile, int64_t b, int64_t i0, int64_t nq,
+                     int64_t rows, int64_t* lo, int64_t* hi) {
+  const int64_t ks = reinterpret_cast<const int32_t*>(p.key_start)[b];
+  for (int64_t r = 0; r < rows; ++r) {
+    lo[r] = 0;
+    hi[r] = tile.n;
+    if (tile.use < 0) own_tile_key_range(i0 + r % nq, tile.first, tile.n, s.Tq, s.Tk, ks, p.causal, &lo[r], &hi[r]);
+    hi[r] = std::max(hi[r], lo[r]);
+  }
+}
+
+// Sets the scores of a tile row outside its visible columns [lo, hi) to -inf (probability 0);
+// lo >= hi hides the whole row.
+void mask_outside(float* row, int64_t lo, int64_t hi) {
+  lo = std::min(lo, kKeyTile);
+  std::fill(row, row + lo, -INFINITY);
+  std::fill(row + std::max(lo, hi), row + kKeyTile, -INFINITY);
+}
+
+// fp32 scratch of one query tile (rows = group * kQueryTile at most); contents are never assumed.
+struct QueryTileScratch {
+  std::vector<float> q, dout, acc, kt, vt, k_rows, v_rows, s, dp;
+  std::vector<int64_t> lo, hi;
+  void reserve(int64_t rows, int64_t d) {
+    for (auto* buf : {&q, &dout, &acc}) buf->resize(std::max<size_t>(buf->size(), rows * d));
+    for (auto* buf : {&kt, &vt, &k_rows, &v_rows}) buf->resize(std::max<size_t>(buf->size(), kKeyTile * d));
+    for (auto* buf : {&s, &dp}) buf->resize(std::max<size_t>(buf->size(), rows * kKeyTile));
+    for (auto* buf : {&lo, &hi}) buf->resize(std::max<size_t>(buf->size(), rows));
+  }
+};
+
+// The calling thread's scratch, grown to fit: work items reuse it instead of allocating their own.
+QueryTileScratch& thread_scratch(int64_t rows, int64_t d) {
+  thread_local QueryTileScratch scratch;
+  scratch.reserve(rows, d);
+  return scratch;
+}
+
+// Loads query tile rows: heads hk * group + g, queries [i0, i0 + nq), row g * nq + ii.
+template <class T>
+void load_query_rows(const TensorArg& t, const Dims& s, int64_t b, int64_t hk, int64_t i0, int64_t nq, float* dst) {
+  for (int64_t g = 0; g < s.group; ++g) load_tile<T>(t, b, i0, nq, hk * s.group + g, s.D, dst + g * nq * s.D);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: item = (b, kv head, query tile); rows = the GQA group's heads x the tile's queries.
+// Forward.
 // ---------------------------------------------------------------------------------------------
 template <class T>
 void forward_impl(const Params& p) {
   const Dims s(p);
-  const int64_t D = s.D;
-  const int64_t nqb = ceil_div(s.Tq, kQueryTile);
+  const int64_t D = s.D, nqb = ceil_div(s.Tq, kQueryTile);
   float* lse = reinterpret_cast<float*>(p.lse);
-  const int32_t* key_start = reinterpret_cast<const int32_t*>(p.key_start);
 
   parallel_for(s.B * s.Hkv * nqb, p.num_threads, [&](int64_t item) {
     const int64_t qb = item % nqb, hk = (item / nqb) % s.Hkv, b = item / (nqb * s.Hkv);
     const int64_t i0 = qb * kQueryTile, nq = std::min(kQueryTile, s.Tq - i0), rows = s.group * nq;
-    std::vector<float> buf((size_t)(2 * rows * D + 2 * kKeyTile * D + kKeyTile));
-    float* qf = buf.data();
-    float* acc = qf + rows * D;
-    float* kt = acc + rows * D;
-    float* vt = kt + kKeyTile * D;
-    float* scratch = vt + kKeyTile * D;
+    QueryTileScratch& w = thread_scratch(rows, D);
     std::vector<SoftmaxRow> st((size_t)rows);
-    for (int64_t g = 0; g < s.group; ++g)
-      load_tile<T>(p.q, b, i0, nq, hk * s.group + g, D, qf + g * nq * D);
-    for (int64_t r = 0; r < rows; ++r) {
-      zero_row(acc + r * D, D);
-      softmax_row_init(&st[r]);
-    }
-    const int64_t ks = key_start[b];
-    for_each_key_tile(p, s, b, i0 + nq - 1,
-                      [&](const TensorArg& kk, const TensorArg& vv, int64_t a, int64_t j0, int64_t n,
-                          bool own) {
-                        load_tile<T>(kk, a, j0, n, hk, D, kt);
-                        load_tile<T>(vv, a, j0, n, hk, D, vt);
-                        for (int64_t r = 0; r < rows; ++r) {
-                          int64_t lo = 0, hi = n;
-                          if (own)
-                            own_tile_key_range(i0 + r % nq, j0, n, s.Tq, s.Tk, ks, p.causal, &lo, &hi);
-                          fwd_row_tile(qf + r * D, kt, vt, D, lo, hi, D, p.scale, scratch, &st[r],
-                                       acc + r * D);
-                        }
-                      });
+    load_query_rows<T>(p.q, s, b, hk, i0, nq, w.q.data());
+    for (int64_t x = 0; x < rows * D; ++x) w.q[x] *= p.scale;  // S comes out scaled
+    std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
+    for (auto& row : st) softmax_row_init(&row);
+
+    for_each_key_tile(p, s, b, i0 + nq - 1, [&](const KeyTile& tile) {
+      load_tile<T>(*tile.keys, tile.owner, tile.first, tile.n, hk, D, w.k_rows.data());
+      load_tile<T>(*tile.values, tile.owner, tile.first, tile.n, hk, D, w.v_rows.data());
+      pack_transposed(w.k_rows.data(), tile.n, D, w.kt.data());
+      tile_product<false>(rows, kKeyTile, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
+      visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        float* srow = w.s.data() + r * kKeyTile;
+        mask_outside(srow, w.lo[r], w.hi[r]);
+        float tile_max = -INFINITY;
+        for (int64_t j = 0; j < kKeyTile; ++j) tile_max = std::max(tile_max, srow[j]);
+        const float new_max = std::max(st[r].max, tile_max);
+        if (new_max == -INFINITY) {  // nothing visible yet: the row contributes nothing
+          std::fill(srow, srow + kKeyTile, 0.0f);
+          continue;
+        }
+        const float alpha = exp_nonpositive(st[r].max - new_max);  // 0 on the first visible tile
+        float tile_sum = 0.0f;
+        for (int64_t j = 0; j < kKeyTile; ++j) srow[j] = exp_nonpositive(srow[j] - new_max);
+        for (int64_t j = 0; j < kKeyTile; ++j) tile_sum += srow[j];
+        st[r].sum = st[r].sum * alpha + tile_sum;
+        st[r].max = new_max;
+        if (alpha != 1.0f) {
+          float* acc = w.acc.data() + r * D;
+          for (int64_t c = 0; c < D; ++c) acc[c] *= alpha;
+        }
+      }
+      tile_product<true>(rows, D, tile.n, w.s.data(), kKeyTile, 1, w.v_rows.data(), D, w.acc.data(), D);
+    });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
-      fwd_row_finish<T>(st[r], acc + r * D, D, at_mut<T>(p.out, b, i, h), lse + (b * s.Hq + h) * s.Tq + i);
+      fwd_row_finish<T>(st[r], w.acc.data() + r * D, D, at_mut<T>(p.out, b, i, h), lse + (b * s.Hq + h) * s.Tq + i);
     }
   });
 }
@@ -149,156 +234,71 @@ void forward_impl(const Params& p) {
 // ---------------------------------------------------------------------------------------------
 // Backward.
 // ---------------------------------------------------------------------------------------------
-
-// dq for item = (b, kv head, query tile), same tiling as the forward.
 template <class T>
-void dq_item(const Params& p, const Dims& s, int64_t item) {
-  const int64_t D = s.D;
-  const int64_t nqb = ceil_div(s.Tq, kQueryTile);
-  const int64_t qb = item % nqb, hk = (item / nqb) % s.Hkv, b = item / (nqb * s.Hkv);
-  const int64_t i0 = qb * kQueryTile, nq = std::min(kQueryTile, s.Tq - i0), rows = s.group * nq;
+void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
+  const int64_t D = s.D, rows_max = s.group * kQueryTile;
   const float* lse = reinterpret_cast<const float*>(p.lse);
-  const float* delta = reinterpret_cast<const float*>(p.delta);
-  std::vector<float> buf((size_t)(3 * rows * D + 2 * kKeyTile * D + kKeyTile + 2 * rows));
-  float* qf = buf.data();
-  float* dof = qf + rows * D;
-  float* acc = dof + rows * D;
-  float* kt = acc + rows * D;
-  float* vt = kt + kKeyTile * D;
-  float* scratch = vt + kKeyTile * D;
-  float* row_lse = scratch + kKeyTile;
-  float* row_delta = row_lse + rows;
-  for (int64_t g = 0; g < s.group; ++g) {
-    const int64_t h = hk * s.group + g;
-    load_tile<T>(p.q, b, i0, nq, h, D, qf + g * nq * D);
-    load_tile<T>(p.grad_out, b, i0, nq, h, D, dof + g * nq * D);
-    for (int64_t ii = 0; ii < nq; ++ii) {
-      row_lse[g * nq + ii] = lse[(b * s.Hq + h) * s.Tq + i0 + ii];
-      row_delta[g * nq + ii] = delta[(b * s.Hq + h) * s.Tq + i0 + ii];
+  float* delta = reinterpret_cast<float*>(p.delta);
+  QueryTileScratch& w = thread_scratch(rows_max, D);
+  std::vector<float> row_lse(rows_max), row_delta(rows_max);
+  // fp32 dk / dv of the own keys [Tk, D] and of each pool use [M, P, D]; scale applied on store.
+  std::vector<float> dk_own(s.Tk * D, 0.0f), dv_own(s.Tk * D, 0.0f);
+  std::vector<float> dk_pool(s.M * s.P * D, 0.0f), dv_pool(s.M * s.P * D, 0.0f);
+
+  for (int64_t i0 = 0; i0 < s.Tq; i0 += kQueryTile) {
+    const int64_t nq = std::min(kQueryTile, s.Tq - i0), rows = s.group * nq;
+    load_query_rows<T>(p.q, s, b, hk, i0, nq, w.q.data());
+    load_query_rows<T>(p.grad_out, s, b, hk, i0, nq, w.dout.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = hk * s.group + r / nq, i = i0 + r % nq, at_row = (b * s.Hq + h) * s.Tq + i;
+      delta[at_row] = dot_rows<T>(at<T>(p.grad_out, b, i, h), at<T>(p.out, b, i, h), D);
+      row_delta[r] = delta[at_row];
+      row_lse[r] = lse[at_row];
+    }
+    std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);  // dq, unscaled
+
+    for_each_key_tile(p, s, b, i0 + nq - 1, [&](const KeyTile& tile) {
+      const int64_t n = tile.n;
+      load_tile<T>(*tile.keys, tile.owner, tile.first, n, hk, D, w.k_rows.data());
+      load_tile<T>(*tile.values, tile.owner, tile.first, n, hk, D, w.v_rows.data());
+      pack_transposed(w.k_rows.data(), n, D, w.kt.data());
+      pack_transposed(w.v_rows.data(), n, D, w.vt.data());
+      tile_product<false>(rows, kKeyTile, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
+      tile_product<false>(rows, kKeyTile, D, w.dout.data(), D, 1, w.vt.data(), kKeyTile, w.dp.data(), kKeyTile);
+      visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
+      for (int64_t r = 0; r < rows; ++r) {  // s <- p, dp <- ds = p (dp - delta)
+        float* prow = w.s.data() + r * kKeyTile;
+        float* dsrow = w.dp.data() + r * kKeyTile;
+        const bool sees_keys = row_lse[r] != -INFINITY;
+        const float lse_r = sees_keys ? row_lse[r] : 0.0f, delta_r = row_delta[r];
+        for (int64_t j = 0; j < kKeyTile; ++j) prow[j] *= p.scale;
+        mask_outside(prow, sees_keys ? w.lo[r] : kKeyTile, w.hi[r]);
+        for (int64_t j = 0; j < kKeyTile; ++j) prow[j] = exp_nonpositive(prow[j] - lse_r);
+        for (int64_t j = 0; j < kKeyTile; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta_r);
+      }
+      float* dk = tile.use < 0 ? dk_own.data() + tile.first * D : dk_pool.data() + (tile.use * s.P + tile.first) * D;
+      float* dv = tile.use < 0 ? dv_own.data() + tile.first * D : dv_pool.data() + (tile.use * s.P + tile.first) * D;
+      tile_product<true>(n, D, rows, w.s.data(), 1, kKeyTile, w.dout.data(), D, dv, D);     // dv += P^T dO
+      tile_product<true>(n, D, rows, w.dp.data(), 1, kKeyTile, w.q.data(), D, dk, D);       // dk += dS^T Q
+      tile_product<true>(rows, D, n, w.dp.data(), kKeyTile, 1, w.k_rows.data(), D, w.acc.data(), D);  // dq += dS K
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
+      store_row<T>(w.acc.data() + r * D, D, p.scale, at_mut<T>(p.dq, b, i, h));
     }
   }
-  for (int64_t r = 0; r < rows; ++r) zero_row(acc + r * D, D);
-  const int64_t ks = reinterpret_cast<const int32_t*>(p.key_start)[b];
-  for_each_key_tile(p, s, b, i0 + nq - 1,
-                    [&](const TensorArg& kk, const TensorArg& vv, int64_t a, int64_t j0, int64_t n,
-                        bool own) {
-                      load_tile<T>(kk, a, j0, n, hk, D, kt);
-                      load_tile<T>(vv, a, j0, n, hk, D, vt);
-                      for (int64_t r = 0; r < rows; ++r) {
-                        int64_t lo = 0, hi = n;
-                        if (own) own_tile_key_range(i0 + r % nq, j0, n, s.Tq, s.Tk, ks, p.causal, &lo, &hi);
-                        bwd_dq_row_tile(qf + r * D, dof + r * D, row_lse[r], row_delta[r], kt, vt, D, lo,
-                                        hi, D, p.scale, scratch, acc + r * D);
-                      }
-                    });
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
-    bwd_dq_row_finish<T>(acc + r * D, D, p.scale, at_mut<T>(p.dq, b, i, h));
-  }
-}
-
-// dk/dv of one block of nk keys (fp32 rows kf/vf) of row b against the queries of every head of the
-// GQA group, starting at query tile `first_tile`. query_range(j_row, i0, nq, &lo, &hi) gives the
-// visible query rows of a tile for key row j_row (lo >= hi: the key is invisible).
-template <class T, class QueryRange>
-void dkdv_block(const Params& p, const Dims& s, int64_t b, int64_t hk, int64_t first_tile, int64_t nk,
-                const float* kf, const float* vf, float* dk_acc, float* dv_acc,
-                const QueryRange& query_range) {
-  const int64_t D = s.D;
-  const float* lse = reinterpret_cast<const float*>(p.lse);
-  const float* delta = reinterpret_cast<const float*>(p.delta);
-  std::vector<float> buf((size_t)(2 * kQueryTile * D + 4 * kQueryTile));
-  float* qt = buf.data();
-  float* dot_ = qt + kQueryTile * D;
-  float* lse_t = dot_ + kQueryTile * D;
-  float* delta_t = lse_t + kQueryTile;
-  float* sp = delta_t + kQueryTile;
-  float* sds = sp + kQueryTile;
-  for (int64_t r = 0; r < nk; ++r) {
-    zero_row(dk_acc + r * D, D);
-    zero_row(dv_acc + r * D, D);
-  }
-  for (int64_t g = 0; g < s.group; ++g) {
-    const int64_t h = hk * s.group + g;
-    for (int64_t i0 = first_tile * kQueryTile; i0 < s.Tq; i0 += kQueryTile) {
-      const int64_t nq = std::min(kQueryTile, s.Tq - i0);
-      load_tile<T>(p.q, b, i0, nq, h, D, qt);
-      load_tile<T>(p.grad_out, b, i0, nq, h, D, dot_);
-      for (int64_t ii = 0; ii < nq; ++ii) {
-        lse_t[ii] = lse[(b * s.Hq + h) * s.Tq + i0 + ii];
-        delta_t[ii] = delta[(b * s.Hq + h) * s.Tq + i0 + ii];
-      }
-      for (int64_t r = 0; r < nk; ++r) {
-        int64_t lo, hi;
-        query_range(r, i0, nq, &lo, &hi);
-        bwd_dkdv_row_tile(kf + r * D, vf + r * D, qt, dot_, D, lse_t, delta_t, lo, hi, D, p.scale, sp,
-                          sds, dk_acc + r * D, dv_acc + r * D);
-      }
-    }
-  }
-}
-
-// dk/dv of row b's own keys: item = (b, kv head, key tile).
-template <class T>
-void dkdv_own_item(const Params& p, const Dims& s, int64_t item) {
-  const int64_t D = s.D;
-  const int64_t nkb = ceil_div(s.Tk, kKeyTile);
-  const int64_t kb = item % nkb, hk = (item / nkb) % s.Hkv, b = item / (nkb * s.Hkv);
-  const int64_t j0 = kb * kKeyTile, nk = std::min(kKeyTile, s.Tk - j0);
-  const int64_t ks = reinterpret_cast<const int32_t*>(p.key_start)[b];
-  std::vector<float> buf((size_t)(4 * nk * D));
-  float* kf = buf.data();
-  float* vf = kf + nk * D;
-  float* dk_acc = vf + nk * D;
-  float* dv_acc = dk_acc + nk * D;
-  if (j0 + nk > ks) {
-    load_tile<T>(p.k, b, j0, nk, hk, D, kf);
-    load_tile<T>(p.v, b, j0, nk, hk, D, vf);
-    const int64_t first_tile = own_key_first_query(std::max(j0, ks), s.Tq, s.Tk, p.causal) / kQueryTile;
-    dkdv_block<T>(p, s, b, hk, first_tile, nk, kf, vf, dk_acc, dv_acc,
-                  [&](int64_t r, int64_t i0, int64_t nq, int64_t* lo, int64_t* hi) {
-                    own_tile_query_range(j0 + r, i0, nq, s.Tq, s.Tk, ks, p.causal, lo, hi);
-                  });
-  } else {
-    std::fill(buf.begin(), buf.end(), 0.0f);  // keys before key_start: no query sees them
-  }
-  for (int64_t r = 0; r < nk; ++r) {
-    store_row<T>(dk_acc + r * D, D, p.scale, at_mut<T>(p.dk, b, j0 + r, hk));
-    store_row<T>(dv_acc + r * D, D, 1.0f, at_mut<T>(p.dv, b, j0 + r, hk));
-  }
-}
-
-// fp32 partial pool gradients of use (b, m): item = ((b, m), kv head, key tile over P).
-template <class T>
-void dkdv_pool_item(const Params& p, const Dims& s, int64_t item) {
-  const int64_t D = s.D;
-  const int64_t npb = ceil_div(s.P, kKeyTile);
-  const int64_t pb = item % npb, hk = (item / npb) % s.Hkv, use = item / (npb * s.Hkv);
-  const int64_t b = use / s.M;
-  const int64_t p0 = pb * kKeyTile, nk = std::min(kKeyTile, s.P - p0);
-  const int32_t slot = reinterpret_cast<const int32_t*>(p.index)[use];
-  const int64_t len = slot_visible_len(slot, reinterpret_cast<const int32_t*>(p.lens));
-  const int64_t nvis = std::max<int64_t>(0, std::min(nk, len - p0));  // visible rows [0, nvis)
-  std::vector<float> buf((size_t)(4 * nk * D), 0.0f);
-  float* kf = buf.data();
-  float* vf = kf + nk * D;
-  float* dk_acc = vf + nk * D;
-  float* dv_acc = dk_acc + nk * D;
-  if (nvis > 0) {
-    load_tile<T>(p.prefix_k, slot, p0, nvis, hk, D, kf);
-    load_tile<T>(p.prefix_v, slot, p0, nvis, hk, D, vf);
-    dkdv_block<T>(p, s, b, hk, 0, nvis, kf, vf, dk_acc, dv_acc,
-                  [&](int64_t, int64_t, int64_t nq, int64_t* lo, int64_t* hi) {
-                    *lo = 0;
-                    *hi = nq;
-                  });
+  for (int64_t j = 0; j < s.Tk; ++j) {
+    store_row<T>(dk_own.data() + j * D, D, p.scale, at_mut<T>(p.dk, b, j, hk));
+    store_row<T>(dv_own.data() + j * D, D, 1.0f, at_mut<T>(p.dv, b, j, hk));
   }
   float* pk = reinterpret_cast<float*>(p.dprefix_k_partial);
   float* pv = reinterpret_cast<float*>(p.dprefix_v_partial);
-  for (int64_t r = 0; r < nk; ++r) {
-    const int64_t off = ((use * s.P + p0 + r) * s.Hkv + hk) * D;
-    store_row<float>(dk_acc + r * D, D, p.scale, pk + off);
-    store_row<float>(dv_acc + r * D, D, 1.0f, pv + off);
+  for (int64_t m = 0; m < s.M; ++m) {
+    for (int64_t pos = 0; pos < s.P; ++pos) {
+      const int64_t off = (((b * s.M + m) * s.P + pos) * s.Hkv + hk) * D;
+      store_row<float>(dk_pool.data() + (m * s.P + pos) * D, D, p.scale, pk + off);
+      store_row<float>(dv_pool.data() + (m * s.P + pos) * D, D, 1.0f, pv + off);
+    }
   }
 }
 
@@ -326,56 +326,39 @@ void reduce_slot_item(const Params& p, const Dims& s, int64_t item) {
 template <class T>
 void backward_impl(const Params& p) {
   const Dims s(p);
-  // 1. delta[b, h, i] = rowsum(dO * O), fp32.
-  float* delta = reinterpret_cast<float*>(p.delta);
-  parallel_for(s.B * s.Hq, p.num_threads, [&](int64_t item) {
-    const int64_t b = item / s.Hq, h = item % s.Hq;
-    for (int64_t i = 0; i < s.Tq; ++i)
-      delta[item * s.Tq + i] = dot_rows<T>(at<T>(p.grad_out, b, i, h), at<T>(p.out, b, i, h), s.D);
-  });
-  // 2. dq, own dk/dv and per-use pool partials: independent outputs, one pass.
-  const int64_t n_dq = s.B * s.Hkv * ceil_div(s.Tq, kQueryTile);
-  const int64_t n_own = s.B * s.Hkv * ceil_div(s.Tk, kKeyTile);
-  const int64_t n_pool = s.B * s.M * s.Hkv * ceil_div(s.P, kKeyTile);
-  // Heavy items first: pool and own-key items cost about a query tile's dq each or more.
-  parallel_for(n_pool + n_own + n_dq, p.num_threads, [&](int64_t item) {
-    if (item < n_pool) return dkdv_pool_item<T>(p, s, item);
-    item -= n_pool;
-    if (item < n_own) return dkdv_own_item<T>(p, s, item);
-    dq_item<T>(p, s, item - n_own);
-  });
-  // 3. Deterministic per-slot reduction of the partials.
+  parallel_for(s.B * s.Hkv, p.num_threads,
+               [&](int64_t item) { backward_item<T>(p, s, item / s.Hkv, item % s.Hkv); });
   parallel_for(s.S * s.P, p.num_threads, [&](int64_t item) { reduce_slot_item<T>(p, s, item); });
 }
 
-void check(const Params& p) {
+template <template <class> class Impl>
+void by_dtype(const Params& p) {
   if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) throw std::invalid_argument("q_heads % kv_heads != 0");
   if (p.head_dim % kLanes != 0) throw std::invalid_argument("head_dim must be a multiple of 8");
   if (p.q_len > p.k_len) throw std::invalid_argument("q_len must be <= k_len");
+  switch (p.dtype) {
+    case kFloat32: return Impl<float>::run(p);
+    case kFloat16: return Impl<half_t>::run(p);
+    case kBFloat16: return Impl<bf16_t>::run(p);
+  }
+  throw std::invalid_argument("unsupported dtype code");
 }
+
+template <class T>
+struct Forward {
+  static void run(const Params& p) { forward_impl<T>(p); }
+};
+template <class T>
+struct Backward {
+  static void run(const Params& p) { backward_impl<T>(p); }
+};
 
 }  // namespace
 
-void forward(const Params& p) {
-  check(p);
-  switch (p.dtype) {
-    case kFloat32: return forward_impl<float>(p);
-    case kFloat16: return forward_impl<half_t>(p);
-    case kBFloat16: return forward_impl<bf16_t>(p);
-  }
-  throw std::invalid_argument("unsupported dtype code");
-}
+void forward(const Params& p) { by_dtype<Forward>(p); }
+void backward(const Params& p) { by_dtype<Backward>(p); }
 
-void backward(const Params& p) {
-  check(p);
-  switch (p.dtype) {
-    case kFloat32: return backward_impl<float>(p);
-    case kFloat16: return backward_impl<half_t>(p);
-    case kBFloat16: return backward_impl<bf16_t>(p);
-  }
-  throw std::invalid_argument("unsupported dtype code");
-}
-
+}  // namespace FASTMEM_CPU_ISA
 }  // namespace cpu
 }  // namespace pa
 }  // namespace fastmem

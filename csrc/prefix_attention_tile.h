@@ -47,8 +47,16 @@
 #define FM_UNROLL
 #endif
 
+// Each CPU ISA build compiles these inline functions with its own flags; FASTMEM_TILE_ABI (an inline
+// namespace, set per build in CMakeLists.txt) gives every build its own symbols, so the linker never
+// merges an AVX-512 copy into another build (or the reverse).
+#ifndef FASTMEM_TILE_ABI
+#define FASTMEM_TILE_ABI tile_default
+#endif
+
 namespace fastmem {
 namespace pa {
+inline namespace FASTMEM_TILE_ABI {
 
 // dtype codes shared with the Python wrapper (fastmem/ops/native.py).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -364,5 +372,6 @@ FM_INLINE void bwd_dkdv_row_tile(const float* __restrict__ k, const float* __res
   accumulate_rows(dk_acc, 1.0f, scratch_ds, q_tile, ld, lo, hi, d);
 }
 
+}  // namespace FASTMEM_TILE_ABI
 }  // namespace pa
 }  // namespace fastmem

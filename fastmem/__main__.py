@@ -30,6 +30,9 @@ def info() -> None:
     for name in backends.BACKEND_MODULES:
         reason = backends.unavailable_reason(name)
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    if backends.unavailable_reason("native") is None:
+        from fastmem import _native
+        print(f"  native CPU kernels: {_native.cpu_isa()} build (this CPU runs: {', '.join(_native.cpu_isas())})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -145,6 +145,61 @@ def test_reference_matches_sdpa_on_concatenation():
         torch.testing.assert_close(out[row], expected.transpose(0, 1))
 
 
+# Several query tiles (32) and key tiles (64) per row, pool slots longer than a key tile, a head dim
+# that leaves a column tail after the SIMD panels, GQA 4:1, left padding: the CPU builds' tiling paths.
+MULTI_TILE = Case("multi_tile_gqa4_d72", 2, 70, 100, 8, 2, 72, 3, 70, ((0, 2), (1, -1)), lens=(70, 5, 64),
+                  key_start=(0, 7))
+
+
+def native_cpu_builds() -> list:
+    if backends.unavailable_reason("native") is not None:
+        return [pytest.param("none", marks=pytest.mark.skip(reason="native backend unavailable"))]
+    from fastmem import _native
+    return _native.cpu_isas()
+
+
+@pytest.fixture
+def cpu_build(request):
+    """Runs the native CPU kernels of one ISA build (avx512 / avx2 / base, as this CPU allows)."""
+    from fastmem import _native
+    chosen = _native.cpu_isa()
+    _native.set_cpu_isa(request.param)
+    yield request.param
+    _native.set_cpu_isa(chosen)
+
+
+@pytest.mark.parametrize("cpu_build", native_cpu_builds(), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_cpu_build_matches_fp64_reference(cpu_build, dtype):
+    case = MULTI_TILE
+    tensors, extra = make_inputs(case, dtype)
+    grad_out = torch.randn(case.batch, case.q_len, case.q_heads, case.head_dim).to(dtype)
+    ref_out, ref_grads = run({n: t.double() for n, t in tensors.items()}, extra, case, None, grad_out.double())
+    base_out, base_grads = run(tensors, extra, case, None, grad_out, upcast=False)
+    out, grads = run(tensors, extra, case, "native", grad_out)
+    assert_within_rule("out", out, ref_out, base_out, 2, dtype)
+    for name, grad, ref, base in zip(tensors, grads, ref_grads, base_grads):
+        assert_within_rule(f"d{name}", grad, ref, base, 3, dtype)
+
+
+@pytest.mark.parametrize("cpu_build", native_cpu_builds(), indirect=True)
+def test_cpu_build_bits_do_not_depend_on_thread_count(cpu_build):
+    tensors, extra = make_inputs(MULTI_TILE, torch.float32)
+    grad_out = torch.randn(MULTI_TILE.batch, MULTI_TILE.q_len, MULTI_TILE.q_heads, MULTI_TILE.head_dim)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3, 8):
+            torch.set_num_threads(count)
+            results.append(run(tensors, extra, MULTI_TILE, "native", grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        for grad, first in zip(grads, results[0][1]):
+            assert torch.equal(grad, first)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_deterministic(backend):
     case = CASES[2]
