@@ -1,8 +1,11 @@
-// Per-tile math of prefix attention, shared by the CPU backend and the CUDA kernels.
+// Per-tile math of prefix attention: the CUDA kernels' algorithm, and the masks, conversions and
+// softmax bookkeeping the CPU backend shares with them.
 //
-// This header is the algorithm. Both `prefix_attention_cpu.cpp` and `prefix_attention_cuda.cu` call
-// these functions, so the CPU tests exercise the arithmetic the CUDA kernels run. No torch, no CUDA
-// runtime: plain `float` arrays in, plain `float` arrays out.
+// `prefix_attention_cuda.cu` runs the row-tile functions below on every thread; on a machine without a
+// GPU, tests/test_cuda_emulation.py runs those kernels through a host emulator against the fp64
+// reference, so the arithmetic the GPU runs is tested on the CPU. The CPU backend
+// (`prefix_attention_cpu.cpp`) uses the same masks and conversions around its own register-blocked
+// tile products (cpu_tile_math.h). No torch, no CUDA runtime: plain `float` arrays in and out.
 //
 // Shapes (see docs/backend_contract.md): q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], pool [S, P, Hkv, D].
 // Row b attends to the first lens[s] positions of every slot s = index[b, m] >= 0 (in m order, no
