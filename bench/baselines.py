@@ -1,9 +1,16 @@
 """What users run today without fastmem: the baselines every figure of bench/throughput.py is compared to.
 
-Every function takes fastmem's layout (queries ``[B, Tq, Hq, D]``, keys and values ``[B, T, Hkv, D]``)
-and returns ``[B, Tq, Hq, D]``, so its output compares directly with `fastmem.prefix_attention`.
+Attention: every function takes fastmem's layout (queries ``[B, Tq, Hq, D]``, keys and values
+``[B, T, Hkv, D]``) and returns ``[B, Tq, Hq, D]``, so its output compares directly with
+`fastmem.prefix_attention`.
+
+Training, sampling and the online loop: Hugging Face models with a PEFT prompt-learning adapter (prompt
+or prefix tuning), one problem at a time, since a PEFT model runs one adapter per forward. A problem's
+memory is the adapter's one tensor (`prompt_weight`), loaded before and read after its problem.
 """
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +100,141 @@ def concat_cache_decode(q: Tensor, memory_k: Tensor, memory_v: Tensor, prompt_k:
         return torch.cat([memory, prompt.expand(batch, *prompt.shape), cache], dim=1)
 
     return sdpa(q, concat(memory_k, prompt_k, cache_k), concat(memory_v, prompt_v, cache_v))
+
+
+# ------------------------------------------------------------------------------ PEFT, one problem at a time
+
+IGNORE_INDEX = -100
+
+
+def prompt_weight(peft_model) -> Tensor:
+    """The trainable tensor of a PEFT prompt-learning adapter: ``[P, hidden]`` for prompt tuning;
+    ``[P, layers * 2 * Hkv * D]`` for prefix tuning (per position, each layer's keys then its values)."""
+    return peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+
+
+def trace_batch(prompt: Sequence[int], traces: Sequence[Sequence[int]], device,
+                pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """One problem as one batch: row j = prompt + trace j, right padded. Returns ids, attention mask and
+    labels (the trace tokens; -100 on the prompt and the padding), each ``[N, longest]``."""
+    rows = [list(prompt) + list(trace) for trace in traces]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for j, row in enumerate(rows):
+        ids[j, :len(row)] = torch.tensor(row)
+        mask[j, :len(row)] = 1
+        labels[j, len(prompt):len(row)] = ids[j, len(prompt):len(row)]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def peft_train(peft_model, prompt_ids: Tensor, traces: Sequence[Sequence[int]], steps: int,
+               lr: float) -> list[Tensor]:
+    """``steps`` Adam steps of the adapter on one problem: the mean token NLL of its traces after its
+    prompt (``prompt_ids [1, T]``), all traces in one forward. Returns each step's loss (before its update)."""
+    weight = prompt_weight(peft_model)
+    optimizer = torch.optim.Adam([weight], lr=lr)
+    ids, mask, labels = trace_batch(prompt_ids[0].tolist(), traces, weight.device)
+    losses = []
+    for _ in range(steps):
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def peft_train_one_at_a_time(peft_model, prompts: Sequence[Sequence[int]], traces: Sequence[Sequence[Sequence[int]]],
+                             memories: Tensor, steps: int, lr: float) -> Tensor:
+    """Train B problems' memories with PEFT, one problem after another: load problem i's starting memory
+    (``memories[i]``, `prompt_weight`'s layout) into the adapter, then `peft_train` (a new Adam per
+    problem). Returns the losses ``[B, steps]`` (fp32, on the model's device)."""
+    weight = prompt_weight(peft_model)
+    losses = []
+    for prompt, problem_traces, start in zip(prompts, traces, memories, strict=True):
+        with torch.no_grad():
+            weight.copy_(start)
+        prompt_ids = torch.tensor([list(prompt)], device=weight.device)
+        losses += peft_train(peft_model, prompt_ids, problem_traces, steps, lr)
+    return torch.stack(losses).float().view(len(prompts), steps)
+
+
+def peft_sample_one_at_a_time(peft_model, prompts: Sequence[Sequence[int]], memories: Tensor, n: int,
+                              max_new_tokens: int, *, do_sample: bool = True, seed: int = 0) -> Tensor:
+    """``n`` samples of ``max_new_tokens`` tokens (no eos stop) per prompt with HF ``generate`` under the
+    PEFT adapter, one prompt (one adapter value, ``memories[i]``) at a time: ``generate(num_return_sequences
+    = n, do_sample=True)``, pure sampling at temperature 1 (no top-k, no top-p). ``do_sample=False``: greedy,
+    with n = 1. Returns the new tokens ``[B, n, max_new_tokens]``."""
+    weight = prompt_weight(peft_model)
+    torch.manual_seed(seed)
+    samples = []
+    for prompt, memory in zip(prompts, memories, strict=True):
+        with torch.no_grad():
+            weight.copy_(memory)
+        ids = torch.tensor([list(prompt)], device=weight.device)
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=do_sample,
+                                  num_return_sequences=n, max_new_tokens=max_new_tokens, top_k=None,
+                                  top_p=None, temperature=None if not do_sample else 1.0, eos_token_id=None,
+                                  pad_token_id=peft_model.config.pad_token_id or 0)
+        samples.append(out[:, ids.shape[1]:])
+    return torch.stack(samples)
+
+
+@torch.no_grad()
+def mean_hidden_state(model, input_ids: Tensor) -> Tensor:
+    """A question's key: the mean over its tokens of the model's last hidden states, fp32 ``[hidden]``
+    (``input_ids [1, T]``, no padding)."""
+    return model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1][0].float().mean(dim=0)
+
+
+def peft_online_loop(peft_model, tokenizer, questions: Sequence[str], keys: Tensor, memories: Tensor, *,
+                     fresh_memory: Callable[[], Tensor], n: int, steps: int, lr: float, top_k: int,
+                     min_similarity: float, max_new_tokens: int, temperature: float,
+                     extract_answer: Callable[[str], str | None], vote: Callable,
+                     seed: int = 0) -> tuple[list[str | None], Tensor, Tensor]:
+    """The online loop with HF and PEFT, one question at a time.
+
+    Per question: embed it (`mean_hidden_state` of the base model); retrieve the ``top_k`` stored keys
+    most cosine-similar (``keys [N, d]``, ``memories [N, *prompt_weight shape]``); start the adapter from
+    the similarity-weighted mean of those at least ``min_similarity`` similar and sample ``n`` answers
+    under it with ``generate(num_return_sequences=n, do_sample=True)``, or, with nothing similar, start
+    from ``fresh_memory()`` and sample from the base model; extract the answers and take the majority
+    vote (``vote(answers)`` -> an object with ``answer`` and ``agrees``); train the adapter ``steps``
+    Adam steps on the majority-consistent traces (`peft_train`); store its key and memory.
+
+    Returns the majority answers and the grown ``keys`` and ``memories``.
+    """
+    base, weight = peft_model.get_base_model(), prompt_weight(peft_model)
+    device, eos_id = weight.device, tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    answers = []
+    for question in questions:
+        prompt_ids = tokenizer(question, return_tensors="pt").input_ids.to(device)
+        key = mean_hidden_state(base, prompt_ids)
+        start, use = fresh_memory(), False
+        if len(keys):
+            scores, found = F.cosine_similarity(key[None], keys, dim=1).topk(min(top_k, len(keys)))
+            similar = scores >= min_similarity
+            if bool(similar.any()):
+                weights = scores[similar] / scores[similar].sum()
+                start = (memories[found[similar]].float() * weights.view(-1, *[1] * (memories.dim() - 1))).sum(0)
+                use = True
+        with torch.no_grad():
+            weight.copy_(start)
+            out = (peft_model if use else base).generate(
+                input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True,
+                num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=None,
+                top_p=None, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
+        traces = []
+        for row in out[:, prompt_ids.shape[1]:].tolist():
+            traces.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+        result = vote([extract_answer(text) for text in tokenizer.batch_decode(traces, skip_special_tokens=True)])
+        kept = [trace for trace, agrees in zip(traces, result.agrees) if agrees]
+        if kept and steps:
+            peft_train(peft_model, prompt_ids, kept, steps, lr)
+        keys = torch.cat([keys, key[None]])
+        memories = torch.cat([memories, weight.detach().to(memories.dtype)[None]])
+        answers.append(result.answer)
+    return answers, keys, memories

@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 FWD, FWD_BWD = "fwd", "fwd+bwd"
+# A whole job (training steps, sampling, the online loop): the compute runs as it is, in its own grad mode.
+END_TO_END = "end-to-end"
 # FLOPs of a mode as a multiple of the forward's: backward = 2.5x forward (FlashAttention-2's convention).
-FLOPS_FACTOR = {FWD: 1.0, FWD_BWD: 3.5}
+FLOPS_FACTOR = {FWD: 1.0, FWD_BWD: 3.5, END_TO_END: 1.0}
 GRAD_OUT = "grad_out"  # the inputs entry holding the output gradient of fwd+bwd cases
 
 
@@ -32,13 +34,18 @@ GRAD_OUT = "grad_out"  # the inputs entry holding the output gradient of fwd+bwd
 class Workload:
     """Inputs one comparison runs on. ``make_inputs`` builds them on the device from a fixed seed, with
     a ``GRAD_OUT`` entry when the workload is differentiated; ``grad_inputs`` names the leaves fwd+bwd
-    differentiates (their gradients are returned in that order)."""
+    differentiates (their gradients are returned in that order). End-to-end workloads may hold any
+    object among their inputs (a model, token lists). ``work``: what one call does, as ``(amount, unit)``
+    (e.g. ``(16, "problems")``), reported as a rate per second. ``compared``: whether the providers'
+    outputs can be compared (not for random samples drawn from different generators)."""
     section: str
     name: str
     shape: dict
-    make_inputs: Callable[[], dict[str, Tensor]]
+    make_inputs: Callable[[], dict]
     forward_flops: float | None = None
     grad_inputs: tuple[str, ...] = ()
+    work: tuple[float, str] | None = None
+    compared: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,15 +125,18 @@ def comparison_cases(workload: Workload, modes: tuple[str, ...], baseline: tuple
     return cases
 
 
-def build_inputs(workload: Workload) -> dict[str, Tensor]:
+def build_inputs(workload: Workload) -> dict:
     inputs = workload.make_inputs()
     for name in workload.grad_inputs:
         inputs[name].requires_grad_()
     return inputs
 
 
-def bind(case: Case, inputs: dict[str, Tensor]) -> Callable[[], tuple[Tensor, ...]]:
-    """The timed call: the forward under no_grad, or the forward and the gradients of the grad inputs."""
+def bind(case: Case, inputs: dict) -> Callable[[], tuple[Tensor, ...]]:
+    """The timed call: the forward under no_grad, the forward and the gradients of the grad inputs, or
+    (end-to-end) the compute as it is."""
+    if case.mode == END_TO_END:
+        return lambda: (case.compute(inputs),)
     if case.mode == FWD:
         def run():
             with torch.no_grad():
@@ -172,6 +182,7 @@ def measure(cases: list[Case], timing: Timing, device: torch.device) -> list[Mea
     first_outputs = [run() for run in runs]
     baseline_outputs = {case.comparison: out for case, out in zip(cases, first_outputs) if case.is_baseline}
     measurements = [Measurement(case, [], None if case.is_baseline or case.comparison not in baseline_outputs
+                                or not case.workload.compared
                                 else max_abs_diff(out, baseline_outputs[case.comparison]))
                     for case, out in zip(cases, first_outputs)]
     del first_outputs, baseline_outputs
@@ -302,6 +313,7 @@ def report_rows(measurements: list[Measurement], ceiling_flops_per_s: float) -> 
         baseline = baselines.get(case.comparison)
         ratio = quantiles_ms(baseline.samples_s)[1] / median if baseline and not case.is_baseline else None
         flops_per_s = case.flops / (median / 1e3) if case.flops else None
+        amount, unit = case.workload.work or (None, None)
         ceiling_fraction = flops_per_s / ceiling_flops_per_s if flops_per_s else None
         values = {"speedup": ratio, "ceiling": ceiling_fraction}
         rows.append(dict(
@@ -309,6 +321,7 @@ def report_rows(measurements: list[Measurement], ceiling_flops_per_s: float) -> 
             mode=case.mode, shape=case.workload.shape, baseline=baseline.case.provider if baseline else None,
             median_ms=median, p20_ms=p20, p80_ms=p80, samples_ms=[s * 1e3 for s in m.samples_s],
             ratio_vs_baseline=ratio, flops=case.flops, gflops_per_s=flops_per_s and flops_per_s / 1e9,
+            rate_per_s=amount and amount / (median / 1e3), rate_unit=unit,
             ceiling_fraction=ceiling_fraction, peak_mb=None if m.peak_bytes is None else m.peak_bytes / 2**20,
             max_abs_diff_vs_baseline=m.max_abs_diff,
             targets=[dict(target=t.label(), metric=t.metric, at_least=t.at_least, value=values[t.metric],
@@ -323,8 +336,12 @@ def _number(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-COLUMNS = ("section", "case", "provider", "mode", "median ms", "p20–p80 ms", "ratio vs baseline", "GFLOP/s",
+COLUMNS = ("section", "case", "provider", "mode", "median ms", "p20–p80 ms", "ratio vs baseline", "rate", "GFLOP/s",
            "% of ceiling", "peak MB", "target", "met?")
+
+
+def _rate(row: dict) -> str:
+    return "—" if row["rate_per_s"] is None else f"{_number(row['rate_per_s'])} {row['rate_unit']}/s"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -336,7 +353,7 @@ def markdown_table(rows: list[dict]) -> str:
             ratio = "baseline" if row["baseline"] == row["provider"] else "—"
         fraction = row["ceiling_fraction"]
         cells = (row["section"], row["case"], row["provider"], row["mode"], _number(row["median_ms"]),
-                 f"{_number(row['p20_ms'])}–{_number(row['p80_ms'])}", ratio, _number(row["gflops_per_s"]),
+                 f"{_number(row['p20_ms'])}–{_number(row['p80_ms'])}", ratio, _rate(row), _number(row["gflops_per_s"]),
                  "—" if fraction is None else f"{fraction:.1%}", _number(row["peak_mb"]),
                  "; ".join(t["target"] for t in row["targets"]) or "—",
                  ", ".join("yes" if t["met"] else "NO" for t in row["targets"]) or "—")
@@ -352,6 +369,9 @@ def target_lines(rows: list[dict]) -> list[str]:
             value, goal = target["value"], target["at_least"]
             if target["metric"] == "speedup":
                 reached, short = f"{value:.2f}x the {row['baseline']}", f"{goal - value:.2f}x"
+                if row["rate_per_s"] is not None:
+                    reached += (f" ({_number(row['rate_per_s'])} vs {_number(row['rate_per_s'] / value)} "
+                                f"{row['rate_unit']}/s)")
             else:
                 reached, short = f"{value:.1%} of the matmul ceiling", f"{(goal - value) * 100:.1f} points"
             verdict = "met" if target["met"] else f"MISSED by {short} (reached {value / goal:.0%} of the target)"

@@ -1,11 +1,13 @@
 """How fast fastmem is next to what users run today, measured in the same run.
 
-    python bench/throughput.py [--only attention,decode] [--quick] [--json FILE] [--plot FILE.png]
-                               [--device cpu|cuda] [--reps N] [--threads N]
+    python bench/throughput.py [--only attention,decode,train,sample,loop] [--quick] [--json FILE]
+                               [--plot FILE.png] [--device cpu|cuda] [--reps N] [--threads N]
 
 Prints a Markdown table (every figure next to its baseline, as baseline time / fastmem time), then one
-line per target, met or missed by how much. To add a section: write ``<name>_cases(settings)`` returning
-`Case`s (build them with `comparison_cases`) and add a row to `SECTIONS`.
+line per target, met or missed by how much. Kernel sections (attention, decode) time one op; end-to-end
+sections (train, sample, loop; bench/learning.py) time a whole job against HF + PEFT. To add a section:
+write ``<name>_cases(settings)`` returning `Case`s (build them with `comparison_cases`) and add a row to
+`SECTIONS`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from bench.harness import (FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFINITION, Case,
                            markdown_table, measure, measure_peak_memory, measure_sweeps,
                            peak_bytes_in_fresh_processes, plot_sweeps, quantiles_ms, report_rows,
                            target_lines)
+from bench.learning import (LOOP_NOTE, SAMPLE_NOTE, TRAIN_NOTE, LR, loop_cases, sample_cases,  # noqa: E402
+                            train_cases)
 from fastmem.ops import backends  # noqa: E402
 
 
@@ -45,9 +49,12 @@ class Settings:
 
 @dataclass(frozen=True)
 class Section:
-    """A part of the report: its cases and, for --plot, its scaling curves."""
+    """A part of the report: its cases and, for --plot, its scaling curves. ``end_to_end``: its calls are
+    whole jobs (one call per sample, see `timing_for`); ``note``: a line for the report."""
     cases: Callable[[Settings], list[Case]]
     sweeps: Callable[[Settings], list[Sweep]] | None = None
+    end_to_end: bool = False
+    note: str | None = None
 
 
 def call_with(function: Callable, arg_names: tuple[str, ...], **options) -> Callable:
@@ -247,6 +254,9 @@ CEILING = Section(ceiling_cases)
 SECTIONS = {
     "attention": Section(attention_cases, attention_sweeps),
     "decode": Section(decode_cases),
+    "train": Section(train_cases, end_to_end=True, note=TRAIN_NOTE.format(lr=LR)),
+    "sample": Section(sample_cases, end_to_end=True, note=SAMPLE_NOTE),
+    "loop": Section(loop_cases, end_to_end=True, note=LOOP_NOTE),
 }
 FLOP_CONVENTION = ("GFLOP/s counts useful work only, the same for every provider: attention fwd = "
                    "4·B·Hq·D·(T·P + T(T+1)/2) (causal halving counted: each query's visible keys), decode step "
@@ -287,9 +297,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timing_for(args: argparse.Namespace) -> Timing:
+def timing_for(args: argparse.Namespace, end_to_end: bool = False) -> Timing:
+    """Kernel sections: warm-ups, then samples of back-to-back calls. End-to-end sections: one call per
+    sample (a call is a whole job); in --quick the checked first call is their only warm-up."""
     if args.smoke:
         timing = Timing(warmup=0, reps=1, min_sample_s=0.0)
+    elif end_to_end:
+        timing = Timing(warmup=0, reps=5, min_sample_s=0.0) if args.quick else Timing(warmup=1, reps=10,
+                                                                                        min_sample_s=0.0)
     elif args.quick:
         timing = Timing(warmup=1, reps=5, min_sample_s=0.02)
     else:
@@ -306,8 +321,10 @@ def find_case(settings: Settings, case_id: str) -> Case:
 
 
 def memory_command(args: argparse.Namespace, case_ids: list[str]) -> list[str]:
-    """This script in a new process, printing the peak memory of each case (see `--measure-memory`)."""
-    return [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--threads", str(args.threads),
+    """This script in a new process, printing the peak memory of each case (see `--measure-memory`). Two
+    run side by side (`measure_peak_memory`), each with half the threads."""
+    threads = args.threads if args.device == "cuda" else max(1, args.threads // 2)
+    return [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--threads", str(threads),
             *(["--smoke"] if args.smoke else []), "--measure-memory", *case_ids]
 
 
@@ -320,13 +337,14 @@ def progress(message: str) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> dict:
     """Measures the ceiling and the requested sections (and their sweeps with --plot): the report."""
-    timing = timing_for(args)
+    timing, end_to_end_timing = timing_for(args), timing_for(args, end_to_end=True)
     sections = {"ceiling": CEILING, **{name: SECTIONS[name] for name in args.only}}
     measurements = []
     for name, section in sections.items():
         cases = section.cases(settings)
-        progress(f"{name}: timing {len(cases)} cases, {timing.reps} samples each")
-        measurements += measure(cases, timing, settings.device)
+        section_timing = end_to_end_timing if section.end_to_end else timing
+        progress(f"{name}: timing {len(cases)} cases, {section_timing.reps} samples each")
+        measurements += measure(cases, section_timing, settings.device)
     if not args.smoke:
         progress(f"peak memory of {len(measurements)} cases")
         measure_peak_memory(measurements, settings.device, lambda case_ids: memory_command(args, case_ids))
@@ -341,7 +359,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
                                for name in backends.BACKEND_MODULES}
     env["auto_backend"] = auto_backend(settings, ATTENTION_SHAPE.head_dim)
     return dict(
-        environment=env, sections=args.only, timing=asdict(timing), smoke=args.smoke, quick=args.quick,
+        environment=env, sections=args.only, timing=asdict(timing), end_to_end_timing=asdict(end_to_end_timing),
+        notes={name: SECTIONS[name].note for name in args.only if SECTIONS[name].note}, smoke=args.smoke,
+        quick=args.quick,
         conventions=dict(flops=FLOP_CONVENTION, peak_memory=PEAK_MEMORY_DEFINITION if not args.smoke else None),
         ceiling_gflops_per_s=ceiling_flops_per_s / 1e9, rows=report_rows(measurements, ceiling_flops_per_s),
         sweeps=[dict(title=sweep.title, x_label=sweep.x_label,
@@ -354,11 +374,15 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
 def render(report: dict) -> str:
     """The Markdown report: a header, the table, one line per target, notes."""
     env, timing, rows = report["environment"], report["timing"], report["rows"]
+    end_to_end = [name for name in report["sections"] if SECTIONS[name].end_to_end]
     lines = [f"fastmem throughput: {env['device_name']} ({env['device']}), {env['dtype']}, {env['threads']} "
              f"threads, torch {env['torch']}, {env['date']}; auto backend: {env['auto_backend']}",
              f"timing: median and p20–p80 of {timing['reps']} samples per case after one checked call and "
              f"{timing['warmup']} warm-up call(s); a sample is ≥{timing['min_sample_s'] * 1e3:.0f} ms of "
              "back-to-back calls; the cases of a section interleaved round by round",
+             *([f"end-to-end sections ({', '.join(end_to_end)}): {report['end_to_end_timing']['reps']} samples "
+                f"of one call each, after one checked call and {report['end_to_end_timing']['warmup']} "
+                "warm-up call(s); rate = work per call / median time"] if end_to_end else []),
              *(["SMOKE RUN: tiny shapes, to check the code paths; its times mean nothing"]
                if report["smoke"] else []), "",
              markdown_table(rows), "", "Targets (judged on the backend auto picks):",
@@ -369,7 +393,11 @@ def render(report: dict) -> str:
     for name in report["sections"]:
         diffs = [row["max_abs_diff_vs_baseline"] for row in rows
                  if row["section"] == name and row["max_abs_diff_vs_baseline"] is not None]
-        lines.append(f"- {name}: outputs (and gradients, fwd+bwd) match the baseline to max |diff| {max(diffs):.2g}")
+        if name in report["notes"]:
+            lines.append(f"- {report['notes'][name]}.")
+        if diffs:
+            lines.append(f"- {name}: outputs{'' if name in report['notes'] else ' (and gradients, fwd+bwd)'} "
+                         f"match the baseline to max |diff| {max(diffs):.2g}")
     lines.append(f"- wall time {report['wall_s']:.0f} s")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """bench/throughput.py: its smallest configuration reports every row, its baselines compute what fastmem
-computes, and bad requests fail with one clear line. Nothing here is timed."""
+computes (attention, decode, training gradients, greedy sampling, the loop's retrieval keys), and bad
+requests fail with one clear line. Nothing here is timed."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not part of the installed package
 
-from bench import throughput  # noqa: E402
-from bench.baselines import concat_cache_decode, peft_prefix_attention  # noqa: E402
+from bench import learning, throughput  # noqa: E402
+from bench.baselines import (concat_cache_decode, mean_hidden_state, peft_online_loop,  # noqa: E402
+                             peft_prefix_attention, peft_sample_one_at_a_time, prompt_weight, trace_batch)
 from bench.harness import CPU_PEAK_SUPPORTED, PEAK_RSS_ENV  # noqa: E402
 from fastmem.kernels.prefix_attention_ref import prefix_attention_ref  # noqa: E402
 from fastmem.ops import backends  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def fastmem_providers() -> set[str]:
@@ -45,19 +50,40 @@ def test_smoke_run_reports_every_row(tmp_path):
     expected |= {("attention", provider, mode) for provider in {"PEFT way"} | fastmem_rows
                  for mode in ("fwd", "fwd+bwd")}
     expected |= {("decode", provider, "fwd") for provider in {"concat cache"} | fastmem_rows}
+    end_to_end = {("train", "PEFT prompt tuning (one problem at a time)"),
+                  ("train", "PEFT prefix tuning (one problem at a time)"), ("train", "fastmem MemoryTrainer"),
+                  ("sample", "HF generate + PEFT prompt tuning (one prompt at a time)"), ("sample", "fastmem.sample"),
+                  ("loop", "HF + PEFT prefix tuning loop (one problem at a time)"), ("loop", "fastmem OnlineLearner")}
+    expected |= {(section, provider, "end-to-end") for section, provider in end_to_end}
     assert {(row["section"], row["provider"], row["mode"]) for row in rows} == expected
     assert {row["case"] for row in rows if row["section"] == "attention"} == {"distinct slots", "2 rows/slot"}
-    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + (1 + len(fastmem_rows))
+    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + (1 + len(fastmem_rows)) + 2 * 2 + 2 + 2
     for row in rows:
         assert f"| {row['section']} | {row['case']} | {row['provider']} | {row['mode']} |" in table
-        assert row["median_ms"] > 0 and row["gflops_per_s"] > 0
-        if row["baseline"] not in (None, row["provider"]):  # fastmem computed what its baseline computed
-            assert row["max_abs_diff_vs_baseline"] < 1e-4, row["id"]
+        assert row["median_ms"] > 0
+        if row["mode"] == "end-to-end":  # a rate of work (problems or tokens per second), no FLOP count
+            assert row["rate_per_s"] > 0 and row["rate_unit"] in ("problems", "tokens") and row["flops"] is None
+            assert f" {row['rate_unit']}/s |" in table
+        else:
+            assert row["gflops_per_s"] > 0 and row["rate_per_s"] is None
+        if row["baseline"] not in (None, row["provider"]) and row["section"] not in ("sample", "loop"):
+            assert row["max_abs_diff_vs_baseline"] < 1e-4, row["id"]  # fastmem computed what its baseline did
+        if row["section"] in ("sample", "loop"):  # random samples: not compared
+            assert row["max_abs_diff_vs_baseline"] is None
+    assert {row["case"] for row in rows if row["section"] == "train"} == {
+        "3 problems, soft prompt; random Llama 64x2", "3 problems, prefix; random Llama 64x2"}
+    assert all(row["shape"]["model"]["name"] for row in rows if row["mode"] == "end-to-end")
 
-    assert {row["provider"] for row in rows if row["targets"]} == {auto}
-    # One summary line per target: speedup and ceiling for 2 attention workloads x 2 modes, speedup for decode.
+    assert {row["provider"] for row in rows if row["targets"]} == {
+        auto, "fastmem MemoryTrainer", "fastmem.sample", "fastmem OnlineLearner"}
+    # One summary line per target: speedup and ceiling for 2 attention workloads x 2 modes, speedup for decode,
+    # for both train workloads, for sample and for loop.
     summary = [line for line in table.splitlines() if line.startswith("- ") and "; target >=" in line]
-    assert len(summary) == 2 * 2 * 2 + 1
+    assert len(summary) == 2 * 2 * 2 + 1 + 2 + 1 + 1
+    assert sum("problems/s); target" in line for line in summary) == 3
+    assert sum("tokens/s); target" in line for line in summary) == 1
+    for name in ("train", "sample", "loop"):
+        assert f"- {report['notes'][name]}." in table
     for key in ("date", "device_name", "cpu_model", "threads", "torch", "triton", "transformers"):
         assert key in report["environment"]
 
@@ -103,12 +129,86 @@ def test_decode_baseline_matches_the_reference_on_the_benchmarks_pool():
     torch.testing.assert_close(baseline, reference)
 
 
+SMOKE_SETTINGS = throughput.Settings(torch.device("cpu"), torch.float32, smoke=True)
+
+
+@pytest.mark.parametrize("kind", ["soft_prompt", "prefix"])
+def test_train_baseline_gradients_equal_the_trainers(kind):
+    """The first step of the train section: each problem's loss and memory gradient from PEFT, one problem at
+    a time, equal the batched `MemoryTrainer.gradients` of the same memories and traces."""
+    from fastmem import MemoryTrainer
+
+    shape = learning.SMOKE_TRAIN_SHAPE
+    x = learning.train_workload(SMOKE_SETTINGS, shape, kind, learning.SMOKE_LLAMA).make_inputs()
+    bank = learning.bank_of(x["model"], kind, x["memories"])
+    result = MemoryTrainer(x["model"], bank).gradients(
+        x["prompts"], x["traces"], [[1.0] * shape.traces] * shape.problems, list(range(shape.problems)))
+    weight = prompt_weight(x["peft_model"])
+    for problem, (prompt, traces) in enumerate(zip(x["prompts"], x["traces"])):
+        with torch.no_grad():
+            weight.copy_(x["memories"][problem])
+        weight.grad = None
+        ids, mask, labels = trace_batch(prompt, traces, weight.device)
+        loss = x["peft_model"](input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        expected = {"embeddings": weight.grad[None]} if kind == "soft_prompt" else {}
+        if kind == "prefix":
+            layers = weight.grad.view(1, *weight.shape[:1], bank.model_shape.num_layers, 2,
+                                      bank.model_shape.num_kv_heads, bank.model_shape.head_dim)
+            expected = {"keys": layers[:, :, :, 0].permute(2, 0, 1, 3, 4),
+                        "values": layers[:, :, :, 1].permute(2, 0, 1, 3, 4)}
+        torch.testing.assert_close(result.losses[problem], loss.detach(), rtol=2e-5, atol=1e-6)
+        for name, grad in expected.items():
+            got = result.grads[name].index_select(bank.SLOT_DIM, torch.tensor([problem]))
+            torch.testing.assert_close(got, grad, rtol=2e-5, atol=2e-5 * grad.abs().max().item())
+
+
+def test_greedy_sampling_equals_greedy_generate_under_peft():
+    """The sample section's baseline, greedy: the same tokens as greedy `fastmem.sample` under the same memories."""
+    import fastmem
+
+    shape = replace(learning.SMOKE_SAMPLE_SHAPE, new_tokens=6)
+    x = learning.sample_workload(SMOKE_SETTINGS, shape, learning.SMOKE_LLAMA).make_inputs()
+    expected = peft_sample_one_at_a_time(x["peft_model"], x["prompts"], x["memories"], 1, shape.new_tokens,
+                                         do_sample=False)
+    got = fastmem.sample(x["model"], x["prompts"], bank=x["bank"], index=torch.arange(shape.problems), n=1,
+                         max_new_tokens=shape.new_tokens, temperature=0, eos_token_id=())
+    assert [[s.token_ids for s in row] for row in got] == expected.tolist()
+
+
+def test_loop_baseline_keys_equal_the_learners_and_it_stores_every_question():
+    """The loop baseline retrieves with the learner's keys (mean-pooled last hidden states of the base model,
+    each question embedded alone) and stores one key and one memory per question."""
+    from fastmem.data import extract_answer
+    from fastmem.learner import OnlineLearner
+    from fastmem.store import MemoryStore
+    from fastmem.voting import majority_vote
+
+    shape = learning.SMOKE_LOOP_SHAPE
+    x = learning.loop_workload(SMOKE_SETTINGS, shape).make_inputs()
+    learner = OnlineLearner(x["model"], x["tokenizer"], MemoryStore(), kind="prefix")
+    questions = x["questions"]
+    memory_shape = x["memories"].shape[1:]
+    answers, keys, memories = peft_online_loop(
+        x["peft_model"], x["tokenizer"], questions, x["keys"], x["memories"],
+        fresh_memory=lambda: torch.randn(memory_shape), n=shape.samples, steps=shape.steps, lr=shape.lr,
+        top_k=shape.top_k, min_similarity=shape.min_similarity, max_new_tokens=shape.max_new_tokens,
+        temperature=shape.temperature, extract_answer=extract_answer, vote=majority_vote)
+    assert len(answers) == len(questions)
+    assert keys.shape[0] == memories.shape[0] == shape.stored + len(questions)
+    stored = [entry["question"] for entry in x["store"].metadata]
+    for question, key in zip(stored + questions, keys):
+        torch.testing.assert_close(key, learner.embed([question])[0], rtol=1e-5, atol=1e-5)
+    tokens = x["tokenizer"](questions[0], return_tensors="pt").input_ids
+    torch.testing.assert_close(mean_hidden_state(x["peft_model"].get_base_model(), tokens), keys[shape.stored])
+
+
 def test_unknown_section_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         throughput.main(["--only", "attention,bogus"])
     assert exit_info.value.code != 0
     error = capsys.readouterr().err
-    assert "'bogus'" in error and "sections: attention, decode" in error
+    assert "'bogus'" in error and "sections: attention, decode, train, sample, loop" in error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gives")
