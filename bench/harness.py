@@ -353,7 +353,8 @@ def markdown_table(rows: list[dict]) -> str:
             ratio = "baseline" if row["baseline"] == row["provider"] else "—"
         fraction = row["ceiling_fraction"]
         cells = (row["section"], row["case"], row["provider"], row["mode"], _number(row["median_ms"]),
-                 f"{_number(row['p20_ms'])}–{_number(row['p80_ms'])}", ratio, _rate(row), _number(row["gflops_per_s"]),
+                 f"{_number(row['p20_ms'])}–{_number(row['p80_ms'])}", ratio, _rate(row),
+                 _number(row["gflops_per_s"]),
                  "—" if fraction is None else f"{fraction:.1%}", _number(row["peak_mb"]),
                  "; ".join(t["target"] for t in row["targets"]) or "—",
                  ", ".join("yes" if t["met"] else "NO" for t in row["targets"]) or "—")

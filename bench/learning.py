@@ -314,8 +314,9 @@ def loop_workload(settings: "Settings", shape: LoopShape) -> Workload:
                     peft_model=peft_model_of(model, "prefix", shape.memory_len))
 
     return Workload("loop", f"{shape.problems} problems, prefix, n={shape.samples}, {shape.steps} steps, "
-                    f"{shape.stored} stored; {DEFAULT_MODEL.name}", dict(asdict(shape), kind="prefix", model=DEFAULT_MODEL.describe()),
-                    make_inputs, work=(shape.problems, "problems"), compared=False)
+                    f"{shape.stored} stored; {DEFAULT_MODEL.name}",
+                    dict(asdict(shape), kind="prefix", model=DEFAULT_MODEL.describe()), make_inputs,
+                    work=(shape.problems, "problems"), compared=False)
 
 
 def fastmem_loop(shape: LoopShape):

@@ -231,7 +231,8 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
     if (bank is None) != (index is None):
         raise ValueError("pass bank and index together (or neither, for no memory)")
     device, vocab_size = model.device, model.config.vocab_size
-    prompts = [token_row(ids, vocab_size, f"prompt {b}", device) for b, ids in enumerate(input_ids)]
+    # prompts stay on the host: `shared_prefix` pads them there and copies the batch once
+    prompts = [token_row(ids, vocab_size, f"prompt {b}", "cpu") for b, ids in enumerate(input_ids)]
     memory_positions = [0] * len(prompts)
     if bank is not None:
         bank.validate(model)

@@ -144,7 +144,9 @@ class MemoryTrainer:
         counts = {"prompts": len(prompts), "traces": len(traces), "rewards": len(rewards), "slots": len(slots)}
         if len(set(counts.values())) > 1:
             raise ValueError(f"prompts, traces, rewards and slots must have one entry per problem; got {counts}")
-        bank, device, vocab_size = self.bank, self.model.device, self.model.config.vocab_size
+        bank, vocab_size = self.bank, self.model.config.vocab_size
+        host = torch.device("cpu")   # rows stay on the host until batched (one copy per batch, not per row)
+        slot_lengths = bank.lengths.tolist()
         seen: dict[int, int] = {}
         problems = []
         for i, (prompt, problem_traces, problem_rewards, slot) in enumerate(zip(prompts, traces, rewards, slots)):
@@ -163,10 +165,10 @@ class MemoryTrainer:
                                  f"{len(problem_traces)} traces and {len(problem_rewards)} rewards")
             if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in problem_rewards):
                 raise ValueError(f"rewards of problem {i} must be finite numbers; got {list(problem_rewards)}")
-            prompt = token_row(prompt, vocab_size, f"prompt of problem {i}", device)
-            rows = [token_row(trace, vocab_size, f"trace {j} of problem {i}", device)
+            prompt = token_row(prompt, vocab_size, f"prompt of problem {i}", host)
+            rows = [token_row(trace, vocab_size, f"trace {j} of problem {i}", host)
                     for j, trace in enumerate(problem_traces)]
-            memory = int(bank.lengths[slot])
+            memory = slot_lengths[slot]
             for j, row in enumerate(rows):
                 check_fits(self.model, memory + len(prompt) + len(row), f"trace {j} of problem {i} ({memory} "
                            f"memory + {len(prompt)} prompt + {len(row)} trace tokens)")
@@ -185,15 +187,17 @@ class MemoryTrainer:
         self.bank.validate(self.model)
         device = self.bank.lengths.device
         slot_ids = torch.tensor(slots, dtype=torch.long, device=device)
-        has_signal = torch.tensor([any(problem.weights) for problem in problems], device=device)
+        signal = [any(problem.weights) for problem in problems]
+        has_signal = torch.tensor(signal, device=device)
         losses = torch.zeros(len(problems), device=device)
         grads = {name: torch.zeros_like(row) for name, row in self.bank.slot_rows(slot_ids).items()}
-        active = has_signal.nonzero().flatten()
-        if active.numel() == 0:
+        active_list = [i for i, has in enumerate(signal) if has]
+        if not active_list:
             return SlotGradients(slot_ids, losses, grads, has_signal, 0)
+        active = torch.tensor(active_list, dtype=torch.long, device=device)
         with torch.enable_grad():
             active_losses, active_grads, tokens = self._losses_and_grads(
-                [problems[i] for i in active.tolist()], slot_ids[active])
+                [problems[i] for i in active_list], slot_ids[active])
         losses[active] = active_losses
         for name, grad in active_grads.items():
             grads[name].index_copy_(self.bank.SLOT_DIM, active, grad)
@@ -212,7 +216,7 @@ class MemoryTrainer:
                 for trace, weight in zip(problem.traces, problem.weights) if weight != 0]
         owner = torch.tensor([i for i, _, _ in kept], device=slots.device)
         weights = torch.tensor([weight for _, _, weight in kept], device=slots.device)
-        trace_ids, trace_lengths = right_pad([trace for _, trace, _ in kept])
+        trace_ids, trace_lengths = (t.to(slots.device) for t in right_pad([trace for _, trace, _ in kept]))
         hidden = run_after_memory(model, Memory(prefix.pool, owner[:, None]), trace_ids)    # [R, T, hidden]
         # token t of a trace is predicted by the hidden state before it: the prompt's last one for t = 0
         predictors = torch.cat([prefix.last_hidden[owner][:, None], hidden[:, :-1]], dim=1)
@@ -222,7 +226,7 @@ class MemoryTrainer:
         membership = owner == problem_ids                                     # [K, R], fixed-order sums
         losses = -(membership * (weights * trace_logprobs)).sum(dim=1)
         grads = torch.autograd.grad(losses.sum(), list(rows.values()))
-        return losses.detach(), dict(zip(rows, grads)), int(trace_lengths.sum())
+        return losses.detach(), dict(zip(rows, grads)), sum(len(trace) for _, trace, _ in kept)
 
     def step(self, prompts, traces, rewards, slots) -> StepStats:
         """One Adam step on each problem's slot (arguments as in `gradients`).
@@ -235,16 +239,20 @@ class MemoryTrainer:
         per_slot = [_per_slot(grad, dim) for grad in result.grads.values()]
         finite = torch.isfinite(result.losses) & torch.stack([torch.isfinite(g).all(dim=1) for g in per_slot]).all(0)
         grad_norms = torch.stack([g.double().square().sum(dim=1) for g in per_slot]).sum(0).sqrt()
-        update = (result.has_signal & finite).nonzero().flatten()
-        if update.numel():
+        # every figure the step reports, in one copy to the host (fp32 losses and int slot ids are exact in fp64)
+        losses, norms, finite_list, signal, slot_values = torch.stack([
+            result.losses.double(), grad_norms, finite.double(), result.has_signal.double(),
+            result.slots.double()]).tolist()
+        slot_list = [int(s) for s in slot_values]
+        update_list = [i for i, (ok, has) in enumerate(zip(finite_list, signal)) if ok and has]
+        if update_list:
+            update = torch.tensor(update_list, dtype=torch.long, device=result.slots.device)
             self._adam(result.slots[update], {name: grad.index_select(dim, update)
                                               for name, grad in result.grads.items()})
-        slot_list = result.slots.tolist()
         return StepStats(
-            losses=result.losses.tolist(), grad_norms=grad_norms.tolist(),
-            updated_slots=result.slots[update].tolist(),
-            nonfinite_slots=[s for s, ok in zip(slot_list, finite.tolist()) if not ok],
-            no_signal_slots=[s for s, ok in zip(slot_list, result.has_signal.tolist()) if not ok],
+            losses=losses, grad_norms=norms, updated_slots=[slot_list[i] for i in update_list],
+            nonfinite_slots=[s for s, ok in zip(slot_list, finite_list) if not ok],
+            no_signal_slots=[s for s, has in zip(slot_list, signal) if not has],
             tokens=result.tokens)
 
     def _adam(self, slots: Tensor, grads: dict[str, Tensor]) -> None:

@@ -514,9 +514,10 @@ class SharedPrefix:
 
 
 def shared_prefix(model, memory: Memory | None, prompts: list[Tensor]) -> SharedPrefix:
-    """Run B prompts (1-D token rows, lengths >= 1) in one right-padded forward, row b after its memory
-    (``memory.index[b]``; no memory when None). Differentiable into the memory's pool."""
-    ids, lengths = right_pad(prompts)
+    """Run B prompts (1-D token rows, lengths >= 1, on the model's device or the host) in one right-padded
+    forward, row b after its memory (``memory.index[b]``; no memory when None). Differentiable into the
+    memory's pool."""
+    ids, lengths = (t.to(model.device) for t in right_pad(prompts))
     context = None if memory is None else InjectionContext.for_memory(memory)
     recorder = KVRecorder(context is not None and context.needs_grad, context=context)
     hidden = run_after_memory(model, memory, ids, handler=recorder)
