@@ -49,13 +49,14 @@ def _load(Ptrs, mask, UPCAST: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, lo, hi, key_lo, key_hi, offs_m,
                     causal_shift, qk_scale,
-                    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online-softmax update over keys ``[lo, hi)`` of one key sequence.
 
     acc ``[BLOCK_M, BLOCK_D]`` fp32; l_i, m_i ``[BLOCK_M]`` (m_i in the log2 domain); q ``[BLOCK_M, BLOCK_D]``.
     K, V point at key ``lo`` of the sequence (one head). Key ``j`` is visible iff ``key_lo <= j < key_hi``
-    and, if CAUSAL, ``j <= offs_m + causal_shift``.
+    and, if CAUSAL, ``j <= offs_m + causal_shift``. Without MASKED the caller guarantees that every key of
+    ``[lo, hi)`` is visible to every row (whole blocks inside the visible range): no masks are built.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -63,15 +64,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, lo, hi, key_lo
     v_offs = offs_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM)
+        if MASKED:
+            kv_mask = (cols[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = offs_d[None, :] < HEAD_DIM
         k = _load(K + k_offs, kv_mask, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        visible = ((cols >= key_lo) & (cols < key_hi))[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with nothing visible yet: no NaN
+        if MASKED:
+            visible = ((cols >= key_lo) & (cols < key_hi))[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with nothing visible yet: no NaN
+        else:
+            qk = qk * qk_scale
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = m_ij
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -119,23 +128,42 @@ def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
         slot = tl.load(Index + b64 * M + m)
         row = tl.maximum(slot, 0)
         n_len = tl.where(slot >= 0, tl.load(Lens + row), 0)
-        row64 = tl.cast(row, tl.int64)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, PK + row64 * stride_pks + hk64 * stride_pkh,
-                                        PV + row64 * stride_pvs + hk64 * stride_pvh, stride_pkt, stride_pvt,
-                                        0, n_len, 0, n_len, offs_m, 0, qk_scale,
-                                        False, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+        pool_k = PK + tl.cast(row, tl.int64) * stride_pks + hk64 * stride_pkh
+        pool_v = PV + tl.cast(row, tl.int64) * stride_pvs + hk64 * stride_pvh
+        whole = n_len // BLOCK_N * BLOCK_N  # whole blocks unmasked, then the partial one
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, pool_k, pool_v, stride_pkt, stride_pvt,
+                                        0, whole, 0, n_len, offs_m, 0, qk_scale,
+                                        False, False, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, pool_k + tl.cast(whole, tl.int64) * stride_pkt,
+                                        pool_v + tl.cast(whole, tl.int64) * stride_pvt, stride_pkt, stride_pvt,
+                                        whole, n_len, 0, n_len, offs_m, 0, qk_scale,
+                                        False, True, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+    # Own keys in three runs of blocks: the one holding key_start (masked), whole blocks every row of this
+    # query block sees (unmasked), then the causal diagonal / tail (masked).
     key_lo = tl.load(KeyStart + b)
     lo = key_lo // BLOCK_N * BLOCK_N
     causal_shift = Tk - Tq
     if CAUSAL:
         hi = tl.minimum(Tk, start_m + BLOCK_M + causal_shift)
+        seen_by_all = tl.minimum(Tk, start_m + causal_shift + 1)
     else:
         hi = Tk
-    lo64 = tl.cast(lo, tl.int64)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + b64 * stride_kb + hk64 * stride_kh + lo64 * stride_kt,
-                                    V + b64 * stride_vb + hk64 * stride_vh + lo64 * stride_vt, stride_kt, stride_vt,
-                                    lo, hi, key_lo, Tk, offs_m, causal_shift, qk_scale,
-                                    CAUSAL, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+        seen_by_all = Tk
+    first_end = tl.minimum((key_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    whole_end = tl.maximum(tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, hi), first_end)
+    own_k = K + b64 * stride_kb + hk64 * stride_kh
+    own_v = V + b64 * stride_vb + hk64 * stride_vh
+    for run in tl.static_range(3):
+        if run == 0:
+            start, end = lo, first_end
+        elif run == 1:
+            start, end = first_end, whole_end
+        else:
+            start, end = whole_end, hi
+        start64 = tl.cast(start, tl.int64)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, own_k + start64 * stride_kt, own_v + start64 * stride_vt,
+                                        stride_kt, stride_vt, start, end, key_lo, Tk, offs_m, causal_shift,
+                                        qk_scale, CAUSAL, run != 1, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0  # a query that sees no key: out 0, lse -inf
     l_safe = tl.where(seen, l_i, 1.0)
@@ -399,11 +427,15 @@ def _sum_into_slots(partial: torch.Tensor, offsets: torch.Tensor, uses: torch.Te
 
 # BLOCK_D -> (BLOCK_M, BLOCK_N, num_warps): 16-bit inputs (tensor cores), then fp32 inputs (exact fp32 dots, which
 # run on the FMA units and need much smaller tiles to stay in registers). Checked with ptxas for sm_90.
+# 16-bit tiles for D <= 128 and the pipelining depth were picked on an H100 (bf16; scripts/gpu_check.sh):
+# (64, 64, 4) with 3 stages beat (64, 32, 8), (128, 64, 8), (128, 32, 8), (64, 64, 8), (128, 128, 8)
+# forward and forward+backward at D = 64 and 128 (B=16 T=1024 D=128: 220 TF/s fwd vs 128 for the old tiles).
 _TILES = {
     64: ((64, 64, 4), (32, 32, 8)),
-    128: ((64, 32, 8), (16, 32, 8)),
+    128: ((64, 64, 4), (16, 32, 8)),
     256: ((32, 32, 8), (16, 16, 8)),
 }
+_STAGES = {64: 3, 128: 3, 256: 2}  # 16-bit inputs; fp32 tiles use 2
 
 
 def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -414,8 +446,9 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """
     block_d = triton.next_power_of_2(head_dim)
     block_m, block_n, num_warps = _TILES[max(block_d, 64)][dtype == torch.float32]
+    stages = 2 if dtype == torch.float32 else _STAGES[max(block_d, 64)]
     return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-                num_stages=2, UPCAST=dtype == torch.bfloat16 and device.type == "cpu")
+                num_stages=stages, UPCAST=dtype == torch.bfloat16 and device.type == "cpu")
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """prefix_attention: every backend against an fp64 reference, plus determinism, bad input, compile."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -168,6 +169,25 @@ def cpu_build(request):
     _native.set_cpu_isa(chosen)
 
 
+@pytest.mark.skipif(backends.unavailable_reason("triton") is not None, reason="needs Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_whole_and_partial_blocks_match_fp64_reference(dtype):
+    """Rows long enough for unmasked whole key blocks between the masked key_start, diagonal and pool-tail
+    blocks (the small CASES never leave the masked path)."""
+    case = MULTI_TILE
+    tensors, extra = make_inputs(case, dtype)
+    grad_out = torch.randn(case.batch, case.q_len, case.q_heads, case.head_dim).to(dtype)
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    ref_out, ref_grads = run({n: t.double() for n, t in tensors.items()}, extra, case, None, grad_out.double())
+    base_out, base_grads = run(tensors, extra, case, None, grad_out, upcast=False)
+    out, grads = run({n: t.to(device) for n, t in tensors.items()},
+                     {n: None if t is None else t.to(device) for n, t in extra.items()}, case, "triton",
+                     grad_out.to(device))
+    assert_within_rule("out", out.cpu(), ref_out, base_out, 2, dtype)
+    for name, grad, ref, base in zip(tensors, grads, ref_grads, base_grads):
+        assert_within_rule(f"d{name}", grad.cpu(), ref, base, 3, dtype)
+
+
 @pytest.mark.parametrize("cpu_build", native_cpu_builds(), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_cpu_build_matches_fp64_reference(cpu_build, dtype):
@@ -248,11 +268,12 @@ def test_triton_slot_reduction_has_the_bits_of_sum_into_slots(dtype):
     for bit; slots without a use get zeros, and a slot used by every row sums them all in (b, m) order."""
     from fastmem.kernels.prefix_attention import _sum_into_slots
     from fastmem.kernels.prefix_attention_ref import slot_use_lists
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"  # compiled Triton needs a GPU
     index = torch.tensor([[3, -1, 0], [3, 3, -1], [0, 2, 3], [-1, -1, -1], [3, 0, 2]], dtype=torch.int32)
     partial = torch.randn(5, 3, 7, 2, 24) * 1e3  # large values: a different order changes the low bits
-    offsets, uses = slot_use_lists(index, num_slots=5)
-    got = _sum_into_slots(partial, offsets, uses, 5, dtype)
-    assert torch.equal(got, sum_into_slots(partial, index, num_slots=5).to(dtype))
+    offsets, uses = slot_use_lists(index.to(device), num_slots=5)
+    got = _sum_into_slots(partial.to(device), offsets, uses, 5, dtype)
+    assert torch.equal(got.cpu(), sum_into_slots(partial, index, num_slots=5).to(dtype))
 
 
 def test_fully_masked_query_is_zero_with_zero_gradient():
