@@ -93,6 +93,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, lo, hi, key_lo
 
 
 @triton.jit
+def _own_key_runs(key_lo, start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Own keys of a query block in three runs of key blocks ``[lo, first_end)``, ``[first_end, whole_end)``,
+    ``[whole_end, hi)``: the block holding key_start (masked), whole blocks every row of the query block sees
+    (no mask needed), then the causal diagonal and tail (masked). Returns lo, first_end, whole_end, hi."""
+    lo = key_lo // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq)
+        seen_by_all = tl.minimum(Tk, start_m + Tk - Tq + 1)
+    else:
+        hi = Tk
+        seen_by_all = Tk
+    first_end = tl.minimum((key_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    whole_end = tl.maximum(tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, hi), first_end)
+    return lo, first_end, whole_end, hi
+
+
+@triton.jit
 def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_pks, stride_pkt, stride_pkh,
@@ -138,19 +155,8 @@ def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
                                         pool_v + tl.cast(whole, tl.int64) * stride_pvt, stride_pkt, stride_pvt,
                                         whole, n_len, 0, n_len, offs_m, 0, qk_scale,
                                         False, True, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
-    # Own keys in three runs of blocks: the one holding key_start (masked), whole blocks every row of this
-    # query block sees (unmasked), then the causal diagonal / tail (masked).
     key_lo = tl.load(KeyStart + b)
-    lo = key_lo // BLOCK_N * BLOCK_N
-    causal_shift = Tk - Tq
-    if CAUSAL:
-        hi = tl.minimum(Tk, start_m + BLOCK_M + causal_shift)
-        seen_by_all = tl.minimum(Tk, start_m + causal_shift + 1)
-    else:
-        hi = Tk
-        seen_by_all = Tk
-    first_end = tl.minimum((key_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
-    whole_end = tl.maximum(tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, hi), first_end)
+    lo, first_end, whole_end, hi = _own_key_runs(key_lo, start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     own_k = K + b64 * stride_kb + hk64 * stride_kh
     own_v = V + b64 * stride_vb + hk64 * stride_vh
     for run in tl.static_range(3):
@@ -162,7 +168,7 @@ def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
             start, end = whole_end, hi
         start64 = tl.cast(start, tl.int64)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, own_k + start64 * stride_kt, own_v + start64 * stride_vt,
-                                        stride_kt, stride_vt, start, end, key_lo, Tk, offs_m, causal_shift,
+                                        stride_kt, stride_vt, start, end, key_lo, Tk, offs_m, Tk - Tq,
                                         qk_scale, CAUSAL, run != 1, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0  # a query that sees no key: out 0, lse -inf
@@ -200,12 +206,12 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_ot, stride_oh, stride_d
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, lo, hi, key_lo, key_hi, offs_m,
                        causal_shift, qk_scale,
-                       CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Add to dq ``[BLOCK_M, BLOCK_D]`` (fp32, unscaled) the keys ``[lo, hi)`` of one key sequence.
 
     q, do ``[BLOCK_M, BLOCK_D]``; lse2 (log2 domain), delta ``[BLOCK_M]``; K, V point at key ``lo``.
-    Visibility as in `_attn_fwd_inner`.
+    Visibility and MASKED as in `_attn_fwd_inner`.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -213,14 +219,20 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, lo, h
     v_offs = offs_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM)
+        if MASKED:
+            kv_mask = (cols[:, None] < key_hi) & (offs_d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = offs_d[None, :] < HEAD_DIM
         k = _load(K + k_offs, kv_mask, UPCAST)
         v = _load(V + v_offs, kv_mask, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        visible = ((cols >= key_lo) & (cols < key_hi))[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-        p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
+        if MASKED:
+            visible = ((cols >= key_lo) & (cols < key_hi))[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
@@ -268,23 +280,31 @@ def _prefix_attn_bwd_dq(Q, K, V, PK, PV, Index, Lens, KeyStart, DO, LSE, Delta, 
         slot = tl.load(Index + b64 * M + m)
         row = tl.maximum(slot, 0)
         n_len = tl.where(slot >= 0, tl.load(Lens + row), 0)
-        row64 = tl.cast(row, tl.int64)
-        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, PK + row64 * stride_pks + hk64 * stride_pkh,
-                                PV + row64 * stride_pvs + hk64 * stride_pvh, stride_pkt, stride_pvt,
-                                0, n_len, 0, n_len, offs_m, 0, qk_scale,
-                                False, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+        pool_k = PK + tl.cast(row, tl.int64) * stride_pks + hk64 * stride_pkh
+        pool_v = PV + tl.cast(row, tl.int64) * stride_pvs + hk64 * stride_pvh
+        whole = n_len // BLOCK_N * BLOCK_N
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, pool_k, pool_v, stride_pkt, stride_pvt,
+                                0, whole, 0, n_len, offs_m, 0, qk_scale,
+                                False, False, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, pool_k + tl.cast(whole, tl.int64) * stride_pkt,
+                                pool_v + tl.cast(whole, tl.int64) * stride_pvt, stride_pkt, stride_pvt,
+                                whole, n_len, 0, n_len, offs_m, 0, qk_scale,
+                                False, True, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
     key_lo = tl.load(KeyStart + b)
-    lo = key_lo // BLOCK_N * BLOCK_N
-    causal_shift = Tk - Tq
-    if CAUSAL:
-        hi = tl.minimum(Tk, start_m + BLOCK_M + causal_shift)
-    else:
-        hi = Tk
-    lo64 = tl.cast(lo, tl.int64)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K + b64 * stride_kb + hk64 * stride_kh + lo64 * stride_kt,
-                            V + b64 * stride_vb + hk64 * stride_vh + lo64 * stride_vt, stride_kt, stride_vt,
-                            lo, hi, key_lo, Tk, offs_m, causal_shift, qk_scale,
-                            CAUSAL, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
+    lo, first_end, whole_end, hi = _own_key_runs(key_lo, start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    own_k = K + b64 * stride_kb + hk64 * stride_kh
+    own_v = V + b64 * stride_vb + hk64 * stride_vh
+    for run in tl.static_range(3):
+        if run == 0:
+            start, end = lo, first_end
+        elif run == 1:
+            start, end = first_end, whole_end
+        else:
+            start, end = whole_end, hi
+        start64 = tl.cast(start, tl.int64)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, own_k + start64 * stride_kt, own_v + start64 * stride_vt,
+                                stride_kt, stride_vt, start, end, key_lo, Tk, offs_m, Tk - Tq, qk_scale,
+                                CAUSAL, run != 1, UPCAST, HEAD_DIM, BLOCK_N, BLOCK_D)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqt + local * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
@@ -292,12 +312,13 @@ def _prefix_attn_bwd_dq(Q, K, V, PK, PV, Index, Lens, KeyStart, DO, LSE, Delta, 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qt, stride_dot, lo, hi, offs_n, key_lo, key_hi,
                          causal_shift, qk_scale, Tq,
-                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Add to dk, dv ``[BLOCK_N, BLOCK_D]`` (fp32, dk unscaled) the query rows ``[lo, hi)`` of one query head.
 
     k, v ``[BLOCK_N, BLOCK_D]`` hold keys offs_n; Q, DO point at row ``lo`` of the head, LSE, Delta at row 0.
-    Key ``j`` is visible iff ``key_lo <= j < key_hi`` and, if CAUSAL, ``j <= row + causal_shift``.
+    Key ``j`` is visible iff ``key_lo <= j < key_hi`` and, if CAUSAL, ``j <= row + causal_shift``. Without
+    MASKED the caller guarantees whole query blocks below Tq that see every key of the block.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -306,17 +327,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qt, stride_dot,
     key_ok = ((offs_n >= key_lo) & (offs_n < key_hi))[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < Tq
-        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        if MASKED:
+            row_ok = rows < Tq
+            mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E  # rows past Tq: p = 0
+            delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+        else:
+            mask = offs_d[None, :] < HEAD_DIM
+            lse2 = tl.load(LSE + rows) * _LOG2E
+            delta = tl.load(Delta + rows)
         q = _load(Q + q_offs, mask, UPCAST)
         do = _load(DO + do_offs, mask, UPCAST)
-        lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E  # rows past Tq: p = 0
-        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision="ieee")
-        visible = key_ok
-        if CAUSAL:
-            visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
-        p_t = tl.where(visible, tl.math.exp2(qk_t * qk_scale - lse2[None, :]), 0.0)
+        if MASKED:
+            visible = key_ok
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
+            p_t = tl.where(visible, tl.math.exp2(qk_t * qk_scale - lse2[None, :]), 0.0)
+        else:
+            p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
         ds_t = p_t * (dp_t - delta[None, :])
@@ -381,15 +410,31 @@ def _prefix_attn_bwd_dkdv(Q, DO, LSE, Delta, K, V, Index, Lens, KeyStart, DK, DV
     else:
         lo = 0
     hi = tl.where((start_n < key_hi) & (start_n + BLOCK_N > key_lo), Tq, lo)  # no visible key: no work
-    lo64 = tl.cast(lo, tl.int64)
+    # Query blocks in three runs: masked, whole blocks below Tq that see every key of this block (when the
+    # key block lies inside [key_lo, key_hi)), masked tail.
+    if CAUSAL:
+        seen_from = (tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        seen_from = lo
+    inside = (start_n >= key_lo) & (start_n + BLOCK_N <= key_hi)
+    first_end = tl.where(inside, tl.minimum(tl.maximum(seen_from, lo), hi), hi)
+    whole_end = tl.maximum(tl.minimum(Tq // BLOCK_M * BLOCK_M, hi), first_end)
     for h in range(hk * GROUP, hk * GROUP + GROUP):
         h64 = tl.cast(h, tl.int64)
         bh64 = b64 * (HKV * GROUP) + h64
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh + lo64 * stride_qt,
-                                      DO + b64 * stride_dob + h64 * stride_doh + lo64 * stride_dot,
-                                      LSE + bh64 * Tq, Delta + bh64 * Tq, stride_qt, stride_dot,
-                                      lo, hi, offs_n, key_lo, key_hi, causal_shift, qk_scale, Tq,
-                                      CAUSAL, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_D)
+        for run in tl.static_range(3):
+            if run == 0:
+                start, end = lo, first_end
+            elif run == 1:
+                start, end = first_end, whole_end
+            else:
+                start, end = whole_end, hi
+            start64 = tl.cast(start, tl.int64)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh + start64 * stride_qt,
+                                          DO + b64 * stride_dob + h64 * stride_doh + start64 * stride_dot,
+                                          LSE + bh64 * Tq, Delta + bh64 * Tq, stride_qt, stride_dot,
+                                          start, end, offs_n, key_lo, key_hi, causal_shift, qk_scale, Tq,
+                                          CAUSAL, run != 1, UPCAST, HEAD_DIM, BLOCK_M, BLOCK_D)
     out_row64 = tl.cast(out_row, tl.int64)
     store_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + out_row64 * stride_dkb + hk64 * stride_dkh + n64 * stride_dkt + local * stride_dkt + offs_d[None, :],
