@@ -143,12 +143,16 @@ void visible_columns(const Params& p, const Dims& s, const KeyTile& tile, int64_
   }
 }
 
-// Sets the scores of a tile row outside its visible columns [lo, hi) to -inf (probability 0);
-// lo >= hi hides the whole row.
-void mask_outside(float* row, int64_t lo, int64_t hi) {
-  lo = std::min(lo, kKeyTile);
+// Columns a key tile of n keys computes: n rounded up to 8 (the packed K^T / V^T are zero there), so
+// short tiles (pool slots, the causal diagonal) cost what they hold, not kKeyTile.
+int64_t tile_width(int64_t n) { return std::min(kKeyTile, (n + 7) / 8 * 8); }
+
+// Sets the scores of a tile row of `width` columns outside its visible columns [lo, hi) to -inf
+// (probability 0); lo >= hi hides the whole row.
+void mask_outside(float* row, int64_t width, int64_t lo, int64_t hi) {
+  lo = std::min(lo, width);
   std::fill(row, row + lo, -INFINITY);
-  std::fill(row + std::max(lo, hi), row + kKeyTile, -INFINITY);
+  std::fill(row + std::max(lo, hi), row + width, -INFINITY);
 }
 
 // fp32 scratch of one query tile (rows = group * kQueryTile at most); contents are never assumed.
@@ -198,23 +202,24 @@ void forward_impl(const Params& p) {
     for_each_key_tile(p, s, b, i0 + nq - 1, [&](const KeyTile& tile) {
       load_tile<T>(*tile.keys, tile.owner, tile.first, tile.n, hk, D, w.k_rows.data());
       load_tile<T>(*tile.values, tile.owner, tile.first, tile.n, hk, D, w.v_rows.data());
+      const int64_t width = tile_width(tile.n);
       pack_transposed(w.k_rows.data(), tile.n, D, w.kt.data());
-      tile_product<false>(rows, kKeyTile, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
+      tile_product<false>(rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
       visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = w.s.data() + r * kKeyTile;
-        mask_outside(srow, w.lo[r], w.hi[r]);
+        mask_outside(srow, width, w.lo[r], w.hi[r]);
         float tile_max = -INFINITY;
-        for (int64_t j = 0; j < kKeyTile; ++j) tile_max = std::max(tile_max, srow[j]);
+        for (int64_t j = 0; j < width; ++j) tile_max = std::max(tile_max, srow[j]);
         const float new_max = std::max(st[r].max, tile_max);
         if (new_max == -INFINITY) {  // nothing visible yet: the row contributes nothing
-          std::fill(srow, srow + kKeyTile, 0.0f);
+          std::fill(srow, srow + width, 0.0f);
           continue;
         }
         const float alpha = exp_nonpositive(st[r].max - new_max);  // 0 on the first visible tile
         float tile_sum = 0.0f;
-        for (int64_t j = 0; j < kKeyTile; ++j) srow[j] = exp_nonpositive(srow[j] - new_max);
-        for (int64_t j = 0; j < kKeyTile; ++j) tile_sum += srow[j];
+        for (int64_t j = 0; j < width; ++j) srow[j] = exp_nonpositive(srow[j] - new_max);
+        for (int64_t j = 0; j < width; ++j) tile_sum += srow[j];
         st[r].sum = st[r].sum * alpha + tile_sum;
         st[r].max = new_max;
         if (alpha != 1.0f) {
@@ -261,20 +266,21 @@ void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
       const int64_t n = tile.n;
       load_tile<T>(*tile.keys, tile.owner, tile.first, n, hk, D, w.k_rows.data());
       load_tile<T>(*tile.values, tile.owner, tile.first, n, hk, D, w.v_rows.data());
+      const int64_t width = tile_width(n);
       pack_transposed(w.k_rows.data(), n, D, w.kt.data());
       pack_transposed(w.v_rows.data(), n, D, w.vt.data());
-      tile_product<false>(rows, kKeyTile, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
-      tile_product<false>(rows, kKeyTile, D, w.dout.data(), D, 1, w.vt.data(), kKeyTile, w.dp.data(), kKeyTile);
+      tile_product<false>(rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
+      tile_product<false>(rows, width, D, w.dout.data(), D, 1, w.vt.data(), kKeyTile, w.dp.data(), kKeyTile);
       visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
       for (int64_t r = 0; r < rows; ++r) {  // s <- p, dp <- ds = p (dp - delta)
         float* prow = w.s.data() + r * kKeyTile;
         float* dsrow = w.dp.data() + r * kKeyTile;
         const bool sees_keys = row_lse[r] != -INFINITY;
         const float lse_r = sees_keys ? row_lse[r] : 0.0f, delta_r = row_delta[r];
-        for (int64_t j = 0; j < kKeyTile; ++j) prow[j] *= p.scale;
-        mask_outside(prow, sees_keys ? w.lo[r] : kKeyTile, w.hi[r]);
-        for (int64_t j = 0; j < kKeyTile; ++j) prow[j] = exp_nonpositive(prow[j] - lse_r);
-        for (int64_t j = 0; j < kKeyTile; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta_r);
+        for (int64_t j = 0; j < width; ++j) prow[j] *= p.scale;
+        mask_outside(prow, width, sees_keys ? w.lo[r] : width, w.hi[r]);
+        for (int64_t j = 0; j < width; ++j) prow[j] = exp_nonpositive(prow[j] - lse_r);
+        for (int64_t j = 0; j < width; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta_r);
       }
       float* dk = tile.use < 0 ? dk_own.data() + tile.first * D : dk_pool.data() + (tile.use * s.P + tile.first) * D;
       float* dv = tile.use < 0 ? dv_own.data() + tile.first * D : dv_pool.data() + (tile.use * s.P + tile.first) * D;
