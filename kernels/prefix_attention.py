@@ -110,6 +110,21 @@ def _own_key_runs(key_lo, start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
+def _run_bounds(run: tl.constexpr, lo, first_end, whole_end, hi):
+    """``[start, end)`` of run 0 (masked), 1 (unmasked) or 2 (masked) of three consecutive block runs."""
+    if run == 0:
+        start = lo
+        end = first_end
+    elif run == 1:
+        start = first_end
+        end = whole_end
+    else:
+        start = whole_end
+        end = hi
+    return start, end
+
+
+@triton.jit
 def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_pks, stride_pkt, stride_pkh,
@@ -160,12 +175,7 @@ def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
     own_k = K + b64 * stride_kb + hk64 * stride_kh
     own_v = V + b64 * stride_vb + hk64 * stride_vh
     for run in tl.static_range(3):
-        if run == 0:
-            start, end = lo, first_end
-        elif run == 1:
-            start, end = first_end, whole_end
-        else:
-            start, end = whole_end, hi
+        start, end = _run_bounds(run, lo, first_end, whole_end, hi)
         start64 = tl.cast(start, tl.int64)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, own_k + start64 * stride_kt, own_v + start64 * stride_vt,
                                         stride_kt, stride_vt, start, end, key_lo, Tk, offs_m, Tk - Tq,
@@ -295,12 +305,7 @@ def _prefix_attn_bwd_dq(Q, K, V, PK, PV, Index, Lens, KeyStart, DO, LSE, Delta, 
     own_k = K + b64 * stride_kb + hk64 * stride_kh
     own_v = V + b64 * stride_vb + hk64 * stride_vh
     for run in tl.static_range(3):
-        if run == 0:
-            start, end = lo, first_end
-        elif run == 1:
-            start, end = first_end, whole_end
-        else:
-            start, end = whole_end, hi
+        start, end = _run_bounds(run, lo, first_end, whole_end, hi)
         start64 = tl.cast(start, tl.int64)
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, own_k + start64 * stride_kt, own_v + start64 * stride_vt,
                                 stride_kt, stride_vt, start, end, key_lo, Tk, offs_m, Tk - Tq, qk_scale,
@@ -423,12 +428,7 @@ def _prefix_attn_bwd_dkdv(Q, DO, LSE, Delta, K, V, Index, Lens, KeyStart, DK, DV
         h64 = tl.cast(h, tl.int64)
         bh64 = b64 * (HKV * GROUP) + h64
         for run in tl.static_range(3):
-            if run == 0:
-                start, end = lo, first_end
-            elif run == 1:
-                start, end = first_end, whole_end
-            else:
-                start, end = whole_end, hi
+            start, end = _run_bounds(run, lo, first_end, whole_end, hi)
             start64 = tl.cast(start, tl.int64)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh + start64 * stride_qt,
                                           DO + b64 * stride_dob + h64 * stride_doh + start64 * stride_dot,
