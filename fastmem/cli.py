@@ -24,19 +24,44 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help='JSONL, one {"question", "answer"?} per line (default: the built-in stream)')
     parser.add_argument("--seed", type=int, default=0, help="built-in stream and sampling seed")
     parser.add_argument("--limit", type=int, default=200, help="problems to solve (default 200)")
-    parser.add_argument("--n", type=int, default=8, help="samples per problem")
-    parser.add_argument("--steps", type=int, default=4, help="Adam steps per batch")
-    parser.add_argument("--kind", choices=("soft_prompt", "prefix"), default="prefix",
-                        help="memory kind (default prefix: measured better on the built-in default, README)")
-    parser.add_argument("--memory", choices=("problem", "cluster"), default="cluster")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--length", type=int, default=8, help="memory positions per slot")
+    learner = _learner_defaults()
+    parser.add_argument("--n", type=int, default=learner["n"], help="samples per problem")
+    parser.add_argument("--steps", type=int, default=learner["steps"], help="Adam steps per batch")
+    parser.add_argument("--kind", choices=("soft_prompt", "prefix"), default=learner["kind"], help="memory kind")
+    parser.add_argument("--memory", choices=("problem", "cluster"), default=learner["memory"])
+    parser.add_argument("--batch-size", type=int, default=learner["batch_size"])
+    parser.add_argument("--lr", type=float, default=learner["lr"])
+    parser.add_argument("--length", type=int, default=learner["length"], help="memory positions per slot")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=learner["gate"],
+                        help="use a retrieved memory only while its samples agree with the vote at least as "
+                             "often as the control samples do")
+    parser.add_argument("--control", type=int, default=learner["control"],
+                        help="samples per problem drawn without memory")
+    parser.add_argument("--gate-trials", type=int, default=learner["gate_trials"], help="uses before the gate may close")
+    parser.add_argument("--cluster-similarity", type=float, default=learner["cluster_similarity"],
+                        help="cosine similarity to join a cluster (memory=cluster)")
+    parser.add_argument("--min-share", type=float, default=learner["min_share"],
+                        help="train only on problems whose majority holds at least this share of the samples")
+    parser.add_argument("--replay", type=int, default=learner["replay"],
+                        help="past problems per cluster trained on again at every step (memory=cluster)")
+    parser.add_argument("--consolidate-every", type=int, default=learner["consolidate_every"],
+                        help="merge near-duplicate store entries every this many batches (0: never)")
+    parser.add_argument("--consolidate-threshold", type=float, default=learner["consolidate_threshold"])
     parser.add_argument("--store", help="persist the memory store in this directory")
     parser.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
     parser.add_argument("--out", help="results JSONL, one line per problem")
     parser.add_argument("--no-baselines", action="store_true", help="skip the comparison table")
+
+
+def _learner_defaults() -> dict:
+    """`OnlineLearner`'s keyword defaults: the command line's learner options default to the same values."""
+    import inspect
+
+    from fastmem.learner import OnlineLearner
+
+    return {name: parameter.default for name, parameter in inspect.signature(OnlineLearner).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
 
 
 def read_questions(args) -> list[dict]:
@@ -104,8 +129,11 @@ def run(args) -> dict:
     model, tokenizer = load_model(args.model)
     learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
                             memory=args.memory, length=args.length, lr=args.lr, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed,
-                            extract_answer=_extractor(args))
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, gate=args.gate,
+                            control=args.control, gate_trials=args.gate_trials,
+                            cluster_similarity=args.cluster_similarity, min_share=args.min_share,
+                            replay=args.replay, consolidate_every=args.consolidate_every,
+                            consolidate_threshold=args.consolidate_threshold, extract_answer=_extractor(args))
     learner.batches_done = len(done) // args.batch_size
     records = list(done)
     started = time.perf_counter()
@@ -204,6 +232,8 @@ def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
         "fastmem pass@1 (stream)": stream_pass,
         "zero-shot pass@1 (second half)": zero_shot_pass[half:],
         "fastmem pass@1 (second half)": stream_pass[half:],
+        # per problem, so its interval is the paired one (narrower than comparing the two rows' intervals)
+        "fastmem − zero-shot pass@1 (second half)": [f - z for f, z in zip(stream_pass[half:], zero_shot_pass[half:])],
         "fastmem maj@N (stream)": [float(r["majority_correct"]) for r in records],
     }
 
@@ -244,7 +274,7 @@ def print_summary(summary: dict, args) -> None:
     from rich.table import Table
 
     table = Table(title=f"fastmem run: {summary['problems']} problems, n={args.n}, steps={args.steps}, "
-                        f"{args.kind}, memory={args.memory}")
+                        f"lr={args.lr:g}, {args.kind}, memory={args.memory}, gate {'on' if args.gate else 'off'}")
     table.add_column("method")
     table.add_column("accuracy", justify="right")
     table.add_column("95% CI", justify="right")

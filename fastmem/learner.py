@@ -9,17 +9,26 @@ Per batch of questions:
    ``memory="cluster"`` mode the memory of the nearest cluster at least ``cluster_similarity``
    similar. Nothing similar enough: a fresh memory.
 3. Sample ``n`` answers: ``n - control`` with the retrieved memory when its gate is open, and
-   ``control`` without memory. The gate (label-free): a memory stays in use while, over the batches
-   that used it, its samples agreed with the majority vote at least as often as the control samples
-   did; after ``gate_trials`` uses with a lower agreement it closes and is no longer used (it may
-   still train). Extract each answer and take the majority vote (math-verify equivalence).
+   ``control`` without memory. The gate (label-free; ``gate=True``): a memory stays in use while,
+   over the batches that used it, its samples agreed with the majority vote at least as often as the
+   control samples did; after ``gate_trials`` uses with a lower agreement it closes and is no longer
+   used (it may still train). ``gate=False``: a retrieved memory is always used (the control samples,
+   if any, are still drawn and still vote). Extract each answer and take the majority vote
+   (math-verify equivalence).
 4. Train the new memories ``steps`` Adam steps, all questions in one batched step per step
    (`MemoryTrainer`): ``sft`` on the majority-consistent traces, or ``reinforce`` with the 0/1
-   majority reward.
+   majority reward. Confidence filter: a question whose vote share is below ``min_share`` gives no
+   training signal. Replay (``cluster`` mode, ``replay > 0``): each cluster keeps the prompts and
+   majority-consistent traces of its last ``replay`` trained questions, and every step also trains
+   on them (each in its own slot, starting from the cluster's memory), so one batch's update of a
+   cluster is averaged over its new and its remembered problems.
 5. Store: ``problem`` mode adds one entry per question; ``cluster`` mode writes the trained memory
-   back into its cluster (the mean over the batch's questions of that cluster; the cluster key is
-   the running mean of its members' keys) or opens a new cluster. Metadata: question(s), majority
-   answer, vote share, step, hits, gate statistics.
+   back into its cluster (the mean over the slots of that cluster that had a training signal; the
+   cluster key is the running mean of its members' keys) or opens a new cluster. Metadata:
+   question(s), majority answer, vote share, step, hits, gate statistics, replay buffer.
+6. Every ``consolidate_every`` batches (0: never), `MemoryStore.consolidate` merges entries whose
+   keys are more than ``consolidate_threshold`` similar (near-duplicate problems in ``problem`` mode;
+   clusters whose running-mean keys drifted together in ``cluster`` mode).
 
 No label is ever seen: `solve` takes question strings only. The returned answer is the majority
 answer (``resample=True``: the majority of ``n`` new samples drawn with the trained memory).
@@ -47,7 +56,8 @@ class Result:
     """What the learner answered for one question, and how.
 
     answer: the majority answer (None when no sample had one); vote_share: its share of the samples.
-    memory_id: the store entry this question trained (its own entry, or its cluster's).
+    memory_id: the store entry this question trained (its own entry, or its cluster's; after a
+    consolidation it may have been merged into another entry, which lists it under ``merged``).
     retrieved: store ids the new memory started from; used_memory: whether samples drew on it.
     samples / answers: every sample's text and extracted answer (memory samples first, then control).
     """
@@ -72,13 +82,19 @@ class OnlineLearner:
     text to its final answer (None when absent; default `fastmem.voting.extract_answer`: boxed,
     marked or last number), ``equivalent`` compares two answers, ``embed_fn``
     maps a list of questions to keys ``[B, d]``.
+
+    The defaults (prefix memories, one per cluster at similarity 0.9, lr 3e-2, 4 steps, gate off with 2
+    control samples still voting, no confidence filter, no replay) are the best of the configurations
+    measured on the built-in default (README, "Does it learn?"); each alternative was measured too.
     """
 
     def __init__(self, model, tokenizer, store: MemoryStore, n: int = 8, steps: int = 4, top_k: int = 2,
-                 kind: str = "soft_prompt", memory: str = "cluster", *, length: int = 8, lr: float = 1e-3,
+                 kind: str = "prefix", memory: str = "cluster", *, length: int = 8, lr: float = 3e-2,
                  objective: str = "sft", temperature: float = 1.0, max_new_tokens: int = 96,
-                 control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
-                 cluster_similarity: float = 0.9, resample: bool = False, batch_size: int = 16,
+                 gate: bool = False, control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
+                 cluster_similarity: float = 0.9, min_share: float = 0.0, replay: int = 0,
+                 consolidate_every: int = 0, consolidate_threshold: float = 0.95,
+                 resample: bool = False, batch_size: int = 16,
                  extract_answer: Callable[[str], str | None] = extract_answer,
                  equivalent: Callable[[str, str], bool] = answers_equivalent,
                  embed_fn: Callable[[list[str]], Tensor] | None = None, seed: int = 0):
@@ -90,15 +106,20 @@ class OnlineLearner:
             raise ValueError(f"memory must be one of {', '.join(GRANULARITIES)}; got {memory!r}")
         if not 0 <= control < n:
             raise ValueError(f"control must lie in [0, n={n}); got {control}")
-        if steps < 0 or top_k < 1 or batch_size < 1 or length < 1:
-            raise ValueError("need steps >= 0, top_k >= 1, batch_size >= 1 and length >= 1")
+        if steps < 0 or top_k < 1 or batch_size < 1 or length < 1 or replay < 0 or consolidate_every < 0:
+            raise ValueError("need steps >= 0, top_k >= 1, batch_size >= 1, length >= 1, replay >= 0 and "
+                             "consolidate_every >= 0")
+        if not 0 <= min_share <= 1:
+            raise ValueError(f"min_share must lie in [0, 1]; got {min_share}")
         self.model = fastmem.patch(model).requires_grad_(False)
         self.tokenizer, self.store = tokenizer, store
         self.n, self.steps, self.top_k, self.kind, self.memory = n, steps, top_k, kind, memory
         self.length, self.lr, self.objective = length, lr, objective
         self.temperature, self.max_new_tokens, self.control = temperature, max_new_tokens, control
-        self.gate_trials, self.min_similarity = gate_trials, min_similarity
+        self.gate, self.gate_trials, self.min_similarity = gate, gate_trials, min_similarity
         self.cluster_similarity, self.resample, self.batch_size = cluster_similarity, resample, batch_size
+        self.min_share, self.replay = min_share, replay
+        self.consolidate_every, self.consolidate_threshold = consolidate_every, consolidate_threshold
         self.extract_answer = extract_answer
         self.equivalent = equivalent
         self.embed_fn = embed_fn or self.embed
@@ -130,11 +151,14 @@ class OnlineLearner:
         keys = self.embed_fn(questions).float()
         scores, ids = self.store.search(keys, self.top_k)
         plans = [self._plan(score_row, id_row) for score_row, id_row in zip(scores.tolist(), ids.tolist())]
-        bank = KINDS[self.kind](self.model, slots=len(questions), length=self.length)
+        replayed = self._replayed(plans)        # (cluster, prompt, traces) of remembered problems
+        bank = KINDS[self.kind](self.model, slots=len(questions) + len(replayed), length=self.length)
         bank.to(self.model.device)
         for slot, plan in enumerate(plans):
             if plan.start is not None:
                 _write_vector(bank, slot, plan.start)
+        for offset, (cluster, _, _) in enumerate(replayed):
+            _write_vector(bank, len(questions) + offset, self.store.get(cluster)[0])
         prompts = [self.tokenizer(q)["input_ids"] for q in questions]
         seed = self.seed * 1_000_003 + self.batches_done
         uses = torch.tensor([slot if plan.use else -1 for slot, plan in enumerate(plans)])
@@ -145,17 +169,25 @@ class OnlineLearner:
         votes = [majority_vote(row, self.equivalent) for row in answers]
 
         trainer = MemoryTrainer(self.model, bank, lr=self.lr, objective=self.objective)
-        traces = [[s.token_ids for s in row] for row in samples]
-        rewards = [[float(agrees) for agrees in vote.agrees] for vote in votes]
-        for _ in range(self.steps):
-            trainer.step(prompts, traces, rewards, list(range(len(questions))))
+        traces = [[list(s.token_ids) for s in row] for row in samples]
+        rewards = [[float(agrees) if vote.share >= self.min_share else 0.0 for agrees in vote.agrees]
+                   for vote in votes]
+        all_prompts = prompts + [prompt for _, prompt, _ in replayed]
+        all_traces = traces + [kept for _, _, kept in replayed]
+        all_rewards = rewards + [[1.0] * len(kept) for _, _, kept in replayed]
+        signal = [_has_signal(row, self.objective) for row in all_rewards]
+        for _ in range(self.steps if any(signal) else 0):
+            trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
         if self.resample:
             fresh = self._sample(prompts, bank, torch.arange(len(questions)), self.n, seed + 2)
             votes = [majority_vote([self.extract_answer(s.text) for s in row], self.equivalent) for row in fresh]
 
-        memory_ids = self._store(questions, keys, bank, plans, votes, answers)
+        batch = _Batch(questions, prompts, keys, traces, rewards, votes, signal, replayed)
+        memory_ids = self._store(batch, bank, plans)
         self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
         self.batches_done += 1
+        if self.consolidate_every and self.batches_done % self.consolidate_every == 0:
+            self.store.consolidate(self.consolidate_threshold)
         return [Result(question=q, answer=vote.answer, vote_share=vote.share, memory_id=memory_id,
                        retrieved=plan.retrieved, used_memory=plan.use, samples=[s.text for s in row],
                        answers=row_answers, memory_samples=self.n - self.control)
@@ -184,12 +216,23 @@ class OnlineLearner:
         start = (memories * (weights / weights.sum()).view(-1, *[1] * (memories.dim() - 1))).sum(0)
         return _Plan(start, [i for _, i in similar], all(self._gate_open(i) for _, i in similar), None)
 
+    def _replayed(self, plans: list["_Plan"]) -> list[tuple[int, list[int], list[list[int]]]]:
+        """The remembered problems of every cluster this batch retrieved: ``(cluster, prompt, traces)``."""
+        if self.memory != "cluster" or not self.replay:
+            return []
+        clusters = dict.fromkeys(plan.cluster for plan in plans if plan.cluster is not None)
+        return [(cluster, item["prompt"], item["traces"]) for cluster in clusters
+                for item in self.store.get(cluster)[1].get("replay", [])]
+
     def _gate_open(self, entry_id: int) -> bool:
+        if not self.gate:
+            return True
         meta = self.store.get(entry_id)[1]
         trials = meta.get("gate_trials", 0)
         return trials < self.gate_trials or meta.get("gate_gain", 0.0) >= 0
 
-    def _store(self, questions, keys, bank, plans, votes, answers) -> list[int]:
+    def _store(self, batch: "_Batch", bank, plans) -> list[int]:
+        questions, keys, votes = batch.questions, batch.keys, batch.votes
         vectors = _read_vectors(bank)
         gains = [_agreement_gain(vote, self.n - self.control) if plan.use else None
                  for plan, vote in zip(plans, votes)]
@@ -197,6 +240,8 @@ class OnlineLearner:
         for slot, (question, plan, vote) in enumerate(zip(questions, plans, votes)):
             meta = dict(question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done)
             if plan.cluster is None:
+                if self.memory == "cluster":
+                    meta["replay"] = self._remembered([], batch, [slot])
                 ids.append(self.store.add(keys[slot], vectors[slot], **meta, members=1))
                 if self.memory == "cluster":   # later questions of this batch may join the new cluster
                     for later in range(slot + 1, len(plans)):
@@ -205,13 +250,16 @@ class OnlineLearner:
                             plans[later] = _Plan(None, [], False, ids[-1])
                 continue
             ids.append(plan.cluster)
-        for cluster in {i for i, plan in zip(ids, plans) if plan.cluster is not None}:
-            self._update_cluster(cluster, [s for s, i in enumerate(ids) if i == cluster and plans[s].cluster is not None],
-                                 keys, vectors, votes, gains, questions)
+        for cluster in dict.fromkeys(i for i, plan in zip(ids, plans) if plan.cluster is not None):
+            slots = [s for s, i in enumerate(ids) if i == cluster and plans[s].cluster is not None]
+            extra = [len(questions) + r for r, (c, _, _) in enumerate(batch.replayed) if c == cluster]
+            self._update_cluster(cluster, slots, extra, batch, vectors, gains)
         return ids
 
-    def _update_cluster(self, cluster, slots, keys, vectors, votes, gains, questions) -> None:
-        """Fold this batch's trained memories of ``cluster`` into it; update key and statistics."""
+    def _update_cluster(self, cluster, slots, extra, batch: "_Batch", vectors, gains) -> None:
+        """Fold this batch's trained memories of ``cluster`` (its questions' slots, and ``extra``: its
+        replayed problems' slots) into it, averaging the slots that trained; update key and statistics."""
+        keys, votes = batch.keys, batch.votes
         _, meta = self.store.get(cluster)
         members = meta.get("members", 1)
         key = (self.store.key(cluster) * members + keys[slots].sum(0)) / (members + len(slots))
@@ -219,10 +267,42 @@ class OnlineLearner:
         trials = meta.get("gate_trials", 0) + len(measured)
         gain = (meta.get("gate_gain", 0.0) * meta.get("gate_trials", 0) + sum(measured)) / max(trials, 1)
         shares = [votes[s].share for s in slots]
-        self.store.update(cluster, memory=vectors[slots].mean(0), key=key, members=members + len(slots),
+        trained = [s for s in slots + extra if batch.signal[s]]
+        update = {} if not trained else {"memory": vectors[trained].mean(0)}
+        self.store.update(cluster, key=key, members=members + len(slots), **update,
                           vote_share=(meta["vote_share"] * members + sum(shares)) / (members + len(slots)),
                           step=self.batches_done, gate_trials=trials, gate_gain=gain,
-                          last_question=questions[slots[-1]])
+                          last_question=batch.questions[slots[-1]],
+                          replay=self._remembered(meta.get("replay", []), batch, slots))
+
+    def _remembered(self, buffer: list[dict], batch: "_Batch", slots: list[int]) -> list[dict]:
+        """A cluster's replay buffer after this batch: its newest ``replay`` problems with majority traces."""
+        if not self.replay:
+            return []
+        for s in slots:
+            kept = [trace for trace, reward in zip(batch.traces[s], batch.rewards[s]) if reward == 1]
+            if kept:
+                buffer = buffer + [{"prompt": list(batch.prompts[s]), "traces": kept}]
+        return buffer[-self.replay:]
+
+
+@dataclass
+class _Batch:
+    """What one batch produced, for storing: per question, then ``replayed`` (slots after the questions')."""
+    questions: list[str]
+    prompts: list[list[int]]
+    keys: Tensor
+    traces: list[list[list[int]]]
+    rewards: list[list[float]]
+    votes: list
+    signal: list[bool]           # per slot (questions, then replayed problems): it trained
+    replayed: list[tuple[int, list[int], list[list[int]]]]
+
+
+def _has_signal(rewards: list[float], objective: str) -> bool:
+    """Whether `MemoryTrainer` updates a problem with these rewards (sft: a reward-1 trace; reinforce: not
+    all rewards equal)."""
+    return any(r == 1 for r in rewards) if objective == "sft" else len(set(rewards)) > 1
 
 
 @dataclass

@@ -156,8 +156,9 @@ class MemoryStore:
         """Merge entries whose keys have cosine similarity above ``threshold``; returns how many merged away.
 
         Greedy, oldest first: each entry absorbs the later entries similar to it. The merged memory and
-        key are the means weighted by vote share (uniform when all shares are 0); hits add up; the
-        survivor keeps its id and lists the absorbed ids and questions under ``merged``.
+        key are the means weighted by vote share (uniform when all shares are 0); hits add up, and so do
+        ``members`` when every merged entry has them (clusters); the survivor keeps its id and its other
+        metadata, and lists the absorbed ids and questions under ``merged``.
         """
         if len(self) < 2:
             return 0
@@ -179,6 +180,8 @@ class MemoryStore:
             self.keys[row] = (self.keys[rows.to(self.keys.device)] * weights.to(self.keys.device)[:, None]).sum(0)
             survivor = self.metadata[row]
             survivor["hits"] = sum(self.metadata[r]["hits"] for r in group)
+            if all("members" in self.metadata[r] for r in group):   # clusters: their sizes add up too
+                survivor["members"] = sum(self.metadata[r]["members"] for r in group)
             survivor["vote_share"] = float((shares * weights.cpu()).sum()) if shares.sum() > 0 else 0.0
             survivor.setdefault("merged", [])
             survivor["merged"] += [{"id": self.metadata[r]["id"], "question": self.metadata[r].get("question")}

@@ -4,10 +4,14 @@ Each configuration runs the learner on every seed's stream (200 problems by defa
 accuracies are pooled over the seeds and reported with 95% normal-approximation intervals.
 
     python scripts/evaluate_learner.py --seeds 0 1 2 --configs "--kind soft_prompt" "--kind prefix"
+
+``--json PATH`` also writes the pooled per-problem values (config -> row -> list), and ``--tables``
+prints one table from several such files (configurations measured in separate processes).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 
 from fastmem.cli import add_run_arguments, mean_and_interval, run
@@ -18,7 +22,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=[""],
                         help="extra `fastmem run` arguments, one string per configuration")
+    parser.add_argument("--json", help="also write the pooled per-problem values here")
+    parser.add_argument("--tables", nargs="+", metavar="JSON",
+                        help="print one table from files written by --json, measuring nothing")
+    parser.add_argument("--by-config", action="store_true",
+                        help="one row per configuration (the learner's rows only), for many configurations")
     options = parser.parse_args()
+    if options.tables:
+        pooled, speed = {}, {}
+        for path in options.tables:
+            saved = json.loads(open(path).read())
+            for name, by_config in saved["pooled"].items():
+                pooled.setdefault(name, {}).update(by_config)
+            speed.update(saved["speed"])
+        print_table(pooled, speed, list(speed), "as saved", options.by_config)
+        return
     run_parser = argparse.ArgumentParser()
     add_run_arguments(run_parser)
 
@@ -31,9 +49,23 @@ def main() -> None:
                 if isinstance(values, list):
                     pooled.setdefault(name, {}).setdefault(config, []).extend(values)
             speed.setdefault(config, []).append(summary["problems_per_s"])
+        if options.json:   # after every configuration, so a long evaluation keeps what it measured
+            with open(options.json, "w") as handle:
+                json.dump({"seeds": options.seeds, "pooled": pooled, "speed": speed}, handle)
+    print_table(pooled, speed, options.configs, options.seeds, options.by_config)
 
-    configs = options.configs
-    print(f"\nseeds {options.seeds}; mean ± 95% CI over all problems of all seeds\n")
+
+def print_table(pooled: dict[str, dict[str, list[float]]], speed: dict[str, list[float]], configs: list[str],
+                seeds, by_config: bool = False) -> None:
+    print(f"\nseeds {seeds}; mean ± 95% CI over all problems of all seeds\n")
+    if by_config:
+        rows = [name for name in pooled if "fastmem" in name or "ICL" in name]
+        print("| configuration | " + " | ".join(rows) + " | problems/s |")
+        print("|---|" + "---|" * (len(rows) + 1))
+        for config in configs:
+            cells = ["{:.3f} ± {:.3f}".format(*mean_and_interval(pooled[name][config])) for name in rows]
+            print(f"| `{config or 'default'}` | " + " | ".join(cells) + f" | {sum(speed[config]) / len(speed[config]):.1f} |")
+        return
     print("| method | " + " | ".join(f"`{c or 'default'}`" for c in configs) + " |")
     print("|---|" + "---|" * len(configs))
     for name, by_config in pooled.items():

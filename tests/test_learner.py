@@ -111,3 +111,78 @@ def test_unwritable_store_fails_before_work(model_dir, tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
         main(["run", "--model", str(model_dir), "--store", str(blocker / "store"), *SMALL_RUN])
+
+
+def scripted_answers(pattern):
+    """An answer extractor that ignores the text and cycles through ``pattern`` (sample by sample)."""
+    answers = iter(pattern * 1000)
+    return lambda text: next(answers)
+
+
+def small_learner(model_dir, store=None, **options):
+    from fastmem.cli import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    settings = dict(n=4, steps=1, control=1, batch_size=2, max_new_tokens=4, cluster_similarity=0.0)
+    return OnlineLearner(model, tokenizer, store if store is not None else MemoryStore(), **{**settings, **options})
+
+
+def recorded_steps(monkeypatch):
+    calls = []
+    original_step = training.MemoryTrainer.step
+
+    def recording_step(self, prompts, traces, rewards, slots):
+        calls.append((prompts, traces, rewards, slots))
+        return original_step(self, prompts, traces, rewards, slots)
+
+    monkeypatch.setattr(training.MemoryTrainer, "step", recording_step)
+    return calls
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_gate_closes_a_memory_that_lowered_agreement_unless_turned_off(model_dir, gate):
+    learner = small_learner(model_dir, gate=gate, gate_trials=2)
+    questions = [p["question"] for p in stream(2, 4)]
+    first = learner.solve(questions[:2])
+    assert not any(r.used_memory for r in first)           # nothing stored yet: a fresh cluster
+    cluster = first[0].memory_id
+    assert learner.solve(questions[2:3])[0].used_memory      # open until gate_trials uses are measured
+    learner.store.update(cluster, gate_trials=2, gate_gain=-0.5)   # its samples agreed less than control's
+    assert learner.solve(questions[3:4])[0].used_memory is (not gate)
+
+
+def test_confidence_filter_trains_only_on_confident_votes(model_dir, monkeypatch):
+    calls = recorded_steps(monkeypatch)
+    # problem 0: four equal answers (share 1); problem 1: two against two (share 0.5)
+    learner = small_learner(model_dir, memory="problem", min_share=0.75,
+                            extract_answer=scripted_answers(["7", "7", "7", "7", "1", "2", "1", "2"]))
+    learner.solve([p["question"] for p in stream(3, 2)])
+    (_, _, rewards, _), = calls
+    assert rewards == [[1.0] * 4, [0.0] * 4]
+
+
+def test_replay_trains_each_cluster_on_its_remembered_problems(model_dir, monkeypatch):
+    calls = recorded_steps(monkeypatch)
+    learner = small_learner(model_dir, replay=3, extract_answer=scripted_answers(["7"]))
+    questions = [p["question"] for p in stream(4, 6)]
+    for start in range(0, 6, 2):
+        learner.solve(questions[start:start + 2])
+    prompts = [learner.tokenizer(q)["input_ids"] for q in questions]
+    (cluster,) = learner.store.ids
+    remembered = learner.store.get(cluster)[1]["replay"]
+    assert [item["prompt"] for item in remembered] == prompts[3:]          # the newest three, in order
+    assert all(len(item["traces"]) == 4 for item in remembered)            # every sample agreed
+    assert calls[0][0] == prompts[:2]                                      # batch 1: nothing remembered yet
+    assert calls[1][0] == prompts[2:4] + prompts[:2]                       # batch 2: its own, then the replay
+    assert calls[2][0] == prompts[4:6] + prompts[1:4]
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_learner_consolidates_the_store_every_k_batches(model_dir, every):
+    learner = small_learner(model_dir, memory="problem", consolidate_every=every, consolidate_threshold=0.99)
+    question = next(stream(5, 1))["question"]
+    learner.solve([question] * 4)                  # identical keys: near duplicates
+    if every:
+        assert len(learner.store) == 1 and len(learner.store.get(learner.store.ids[0])[1]["merged"]) == 3
+    else:
+        assert len(learner.store) == 4
