@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fastmem.data import (build_tokenizer, default_model_path, generate_solutions, random_soft_prompt,
-                          sampled_accuracy, stream)
+                          sampled_accuracy, save_tokenizer, stream)
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,7 +118,7 @@ def save(model: LlamaForCausalLM, tokenizer, directory: Path) -> None:
     """Model (safetensors) and tokenizer, loadable with ``from_pretrained(directory)``."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)  # a class name transformers 4.56+ loads too
 
 
 def train(args: argparse.Namespace) -> float:
