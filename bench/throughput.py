@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import fastmem  # noqa: E402
 from bench.baselines import (concat_cache_decode, flash_attn_func, flash_attn_prefix_attention,  # noqa: E402
                              peft_prefix_attention)
-from bench.harness import (FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFINITION, Case, Sweep, Target, Timing,  # noqa: E402
-                           Workload, available_cores, comparison_cases, environment,
+from bench.harness import (END_TO_END, FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFINITION, Case, Sweep, Target,  # noqa: E402
+                           Timing, Workload, available_cores, comparison_cases, environment,
                            markdown_table, measure, measure_peak_memory, measure_sweeps,
                            peak_bytes_in_fresh_processes, plot_sweeps, quantiles_ms, report_rows,
                            target_lines)
@@ -293,6 +293,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=positive_int, help="samples per case (default: 15, --quick: 5)")
     parser.add_argument("--threads", type=positive_int, default=available_cores(),
                         help="torch threads (default: the cores this process may use)")
+    parser.add_argument("--e2e-threads", type=positive_int, default=1,
+                        help="torch threads of the end-to-end sections (train, sample, loop) on CPU (default 1: "
+                             "their models are tiny, and the PEFT baselines' many small ops slow down 10-15x "
+                             "when intra-op threads share busy cores)")
     parser.add_argument("--measure-memory", nargs="+", metavar="CASE_ID", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -335,6 +339,10 @@ def progress(message: str) -> None:
     print(f"[throughput {time.perf_counter() - STARTED_S:4.0f} s] {message}", file=sys.stderr, flush=True)
 
 
+def end_to_end_threads(args: argparse.Namespace) -> int:
+    return args.e2e_threads if args.device == "cpu" else args.threads
+
+
 def run(args: argparse.Namespace, settings: Settings) -> dict:
     """Measures the ceiling and the requested sections (and their sweeps with --plot): the report."""
     timing, end_to_end_timing = timing_for(args), timing_for(args, end_to_end=True)
@@ -344,7 +352,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         cases = section.cases(settings)
         section_timing = end_to_end_timing if section.end_to_end else timing
         progress(f"{name}: timing {len(cases)} cases, {section_timing.reps} samples each")
+        torch.set_num_threads(end_to_end_threads(args) if section.end_to_end else args.threads)
         measurements += measure(cases, section_timing, settings.device)
+    torch.set_num_threads(args.threads)
     if not args.smoke:
         progress(f"peak memory of {len(measurements)} cases")
         measure_peak_memory(measurements, settings.device, lambda case_ids: memory_command(args, case_ids))
@@ -359,7 +369,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
                                for name in backends.BACKEND_MODULES}
     env["auto_backend"] = auto_backend(settings, ATTENTION_SHAPE.head_dim)
     return dict(
-        environment=env, sections=args.only, timing=asdict(timing), end_to_end_timing=asdict(end_to_end_timing),
+        environment=env, sections=args.only, timing=asdict(timing),
+        end_to_end_timing=dict(asdict(end_to_end_timing), threads=end_to_end_threads(args)),
         notes={name: SECTIONS[name].note for name in args.only if SECTIONS[name].note}, smoke=args.smoke,
         quick=args.quick,
         conventions=dict(flops=FLOP_CONVENTION, peak_memory=PEAK_MEMORY_DEFINITION if not args.smoke else None),
@@ -380,9 +391,10 @@ def render(report: dict) -> str:
              f"timing: median and p20–p80 of {timing['reps']} samples per case after one checked call and "
              f"{timing['warmup']} warm-up call(s); a sample is ≥{timing['min_sample_s'] * 1e3:.0f} ms of "
              "back-to-back calls; the cases of a section interleaved round by round",
-             *([f"end-to-end sections ({', '.join(end_to_end)}): {report['end_to_end_timing']['reps']} samples "
-                f"of one call each, after one checked call and {report['end_to_end_timing']['warmup']} "
-                "warm-up call(s); rate = work per call / median time"] if end_to_end else []),
+             *([f"end-to-end sections ({', '.join(end_to_end)}): {report['end_to_end_timing']['threads']} "
+                f"thread(s), {report['end_to_end_timing']['reps']} samples of one call each, after one checked "
+                f"call and {report['end_to_end_timing']['warmup']} warm-up call(s); rate = work per call / "
+                "median time"] if end_to_end else []),
              *(["SMOKE RUN: tiny shapes, to check the code paths; its times mean nothing"]
                if report["smoke"] else []), "",
              markdown_table(rows), "", "Targets (judged on the backend auto picks):",
@@ -410,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(device, torch.float32 if device.type == "cpu" else torch.bfloat16, args.smoke, args.quick)
     if args.measure_memory:  # CPU peak memory, for `measure_peak_memory` of the parent process
         cases = [find_case(settings, case_id) for case_id in args.measure_memory]
+        if any(case.mode == END_TO_END for case in cases):
+            import peft  # noqa: F401  (imported once here, before the forks, not seconds in every child)
+
+            import fastmem.hf  # noqa: F401
         print("\n".join(map(str, peak_bytes_in_fresh_processes(cases, args.threads))))
         return
     torch.set_num_threads(args.threads)

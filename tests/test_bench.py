@@ -84,6 +84,7 @@ def test_smoke_run_reports_every_row(tmp_path):
     assert sum("tokens/s); target" in line for line in summary) == 1
     for name in ("train", "sample", "loop"):
         assert f"- {report['notes'][name]}." in table
+    assert report["end_to_end_timing"]["threads"] == 1 and "(train, sample, loop): 1 thread(s)" in table
     for key in ("date", "device_name", "cpu_model", "threads", "torch", "triton", "transformers"):
         assert key in report["environment"]
 
