@@ -13,7 +13,7 @@ Every case runs in mode `END_TO_END`: one call is the whole job, timed as it is.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -357,11 +357,6 @@ def peft_loop(shape: LoopShape):
 def loop_cases(settings: "Settings") -> list[Case]:
     """OnlineLearner against the same loop written with HF generate and PEFT prefix tuning."""
     shape = SMOKE_LOOP_SHAPE if settings.smoke else LOOP_SHAPE
-    if settings.device.type == "cuda":
-        # OnlineLearner cannot start a memory from a retrieved one on a GPU yet (fastmem/learner.py `_plan`
-        # weighs CUDA memories with CPU similarities, `_write_vector` writes a CPU store's memory into a CUDA
-        # bank): there the store starts empty, so each call's questions retrieve nothing.
-        shape = replace(shape, stored=0)
     return comparison_cases(loop_workload(settings, shape), (END_TO_END,),
                             ("HF + PEFT prefix tuning loop (one problem at a time)", peft_loop(shape)),
                             {"fastmem OnlineLearner": fastmem_loop(shape)}, targeted="fastmem OnlineLearner",

@@ -211,8 +211,8 @@ class OnlineLearner:
         similar = [(s, i) for s, i in found if s >= self.min_similarity]
         if not similar:
             return _Plan(None, [], False, None)
-        weights = torch.tensor([s for s, _ in similar])
         memories = torch.stack([self.store.get(i)[0].float() for _, i in similar])
+        weights = torch.tensor([s for s, _ in similar], device=memories.device)
         start = (memories * (weights / weights.sum()).view(-1, *[1] * (memories.dim() - 1))).sum(0)
         return _Plan(start, [i for _, i in similar], all(self._gate_open(i) for _, i in similar), None)
 
@@ -334,7 +334,8 @@ def _write_vector(bank: MemoryBank, slot: int, vector: Tensor) -> None:
     for name, row in bank.slot_rows(slots).items():
         per_slot = row.movedim(bank.SLOT_DIM, 0)
         size = per_slot[0].numel()
-        rows[name] = vector[offset:offset + size].reshape(per_slot.shape).movedim(0, bank.SLOT_DIM)
+        part = vector[offset:offset + size].to(device=per_slot.device, dtype=per_slot.dtype)  # store may live elsewhere
+        rows[name] = part.reshape(per_slot.shape).movedim(0, bank.SLOT_DIM)
         offset += size
     if offset != vector.numel():
         raise ValueError(f"a stored memory of {vector.numel()} values does not fit this bank's slots of {offset}")
