@@ -86,6 +86,22 @@ def flash_attn_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tenso
     return flash_attn_func(q, keys, values, causal=True)
 
 
+def sdpa_flash_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                                prefix_index: Tensor) -> Tensor:
+    """What a CUDA user without flash-attn runs: torch SDPA restricted to its FlashAttention-2 kernel, on the
+    gathered and concatenated K/V, causal aligned bottom-right (``causal_lower_right``), grouped KV heads by
+    ``enable_gqa``. Like `flash_attn_prefix_attention`, every listed slot counts in full (no ``prefix_lens``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    index = normalize_index(prefix_index).long()
+    keys = torch.cat([gather_prefix(prefix_k, index), k], dim=1).transpose(1, 2)
+    values = torch.cat([gather_prefix(prefix_v, index), v], dim=1).transpose(1, 2)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True,
+                                             attn_mask=causal_lower_right(q.shape[1], keys.shape[2]))
+    return out.transpose(1, 2)
+
+
 def concat_cache_decode(q: Tensor, memory_k: Tensor, memory_v: Tensor, prompt_k: Tensor, prompt_v: Tensor,
                         cache_k: Tensor, cache_v: Tensor) -> Tensor:
     """One decode step the usual way: concatenate each row's memory, the shared prompt cache and the row's

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import fastmem  # noqa: E402
 from bench.baselines import (concat_cache_decode, flash_attn_func, flash_attn_prefix_attention,  # noqa: E402
-                             peft_prefix_attention)
+                             peft_prefix_attention, sdpa_flash_prefix_attention)
 from bench.harness import (END_TO_END, FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFINITION, Case, Sweep, Target,  # noqa: E402
                            Timing, Workload, available_cores, comparison_cases, environment,
                            markdown_table, measure, measure_peak_memory, measure_sweeps,
@@ -126,6 +126,9 @@ class AttentionShape:
 
 
 ATTENTION_SHAPE = AttentionShape(batch=32, seq_len=128, prefix_len=32, slots=64, q_heads=8, kv_heads=2, head_dim=64)
+# On CUDA the shape above is launch-bound (well under a millisecond): FLOP/s are compared on this one.
+GPU_ATTENTION_SHAPE = AttentionShape(batch=16, seq_len=1024, prefix_len=64, slots=64, q_heads=32, kv_heads=8,
+                                     head_dim=128)
 SMOKE_ATTENTION_SHAPE = AttentionShape(batch=4, seq_len=8, prefix_len=4, slots=6, q_heads=4, kv_heads=2, head_dim=16)
 ATTENTION_ARGS = ("q", "k", "v", "prefix_k", "prefix_v", "prefix_index")
 PEFT_WAY = ("PEFT way", call_with(peft_prefix_attention, ATTENTION_ARGS))
@@ -162,7 +165,23 @@ def attention_cases(settings: Settings) -> list[Case]:
         cases += comparison_cases(attention_workload(settings, shape, rows_per_slot, name), (FWD, FWD_BWD),
                                   PEFT_WAY, contenders, targeted=auto,
                                   targets=(Target("speedup", speedup), Target("ceiling", 0.5)))
+    if settings.device.type == "cuda" and not settings.smoke:
+        cases += flash_comparison_cases(settings)
     return cases
+
+
+def flash_comparison_cases(settings: Settings) -> list[Case]:
+    """GPU size: fastmem against FlashAttention-2 on the concatenated K/V (flash-attn when importable, else
+    SDPA's flash kernel), target >= 0.8x its FLOP/s; the PEFT way alongside."""
+    shape = GPU_ATTENTION_SHAPE
+    flash = (("flash-attn (concat)", call_with(flash_attn_prefix_attention, ATTENTION_ARGS))
+             if flash_attn_func is not None else
+             ("SDPA flash (concat)", call_with(sdpa_flash_prefix_attention, ATTENTION_ARGS)))
+    contenders = {**fastmem_contenders([auto_backend(settings, shape.head_dim)], ATTENTION_ARGS),
+                  PEFT_WAY[0]: PEFT_WAY[1]}
+    return comparison_cases(attention_workload(settings, shape, 1, "GPU size, distinct slots"), (FWD, FWD_BWD),
+                            flash, contenders, targeted=fastmem_provider(auto_backend(settings, shape.head_dim)),
+                            targets=(Target("speedup", 0.8),))
 
 
 def attention_sweeps(settings: Settings) -> list[Sweep]:
