@@ -19,6 +19,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "prefix_attention.h"
@@ -88,13 +89,27 @@ void load_tile(const TensorArg& t, int64_t a, int64_t r0, int64_t n, int64_t h, 
   for (int64_t r = 0; r < n; ++r) load_row<T>(at<T>(t, a, r0 + r, h), d, dst + r * d);
 }
 
-// fp32 rows [n, d] -> columns [d, kKeyTile] (columns n.. zero), the B operand of Q K^T and dO V^T.
-void pack_transposed(const float* rows, int64_t n, int64_t d, float* cols) {
+// fp32 rows [n, d] (row r at rows + r * ld) -> columns [d, kKeyTile] (columns n.. zero), the B operand of
+// Q K^T and dO V^T.
+void pack_transposed(const float* rows, int64_t ld, int64_t n, int64_t d, float* cols) {
   for (int64_t c = 0; c < d; ++c) {
     float* col = cols + c * kKeyTile;
-    for (int64_t r = 0; r < n; ++r) col[r] = rows[r * d + c];
+    for (int64_t r = 0; r < n; ++r) col[r] = rows[r * ld + c];
     for (int64_t r = n; r < kKeyTile; ++r) col[r] = 0.0f;
   }
+}
+
+// n key (or value) rows of one head as fp32 rows `ld` floats apart: fp32 inputs are read in place,
+// 16-bit ones are converted into `scratch` (ld = d).
+struct Rows {
+  const float* ptr;
+  int64_t ld;
+};
+template <class T>
+Rows tile_rows(const TensorArg& t, int64_t a, int64_t r0, int64_t n, int64_t h, int64_t d, float* scratch) {
+  if (std::is_same<T, float>::value) return Rows{reinterpret_cast<const float*>(at<T>(t, a, r0, h)), t.stride1};
+  load_tile<T>(t, a, r0, n, h, d, scratch);
+  return Rows{scratch, d};
 }
 
 struct Dims {
@@ -147,6 +162,23 @@ void visible_columns(const Params& p, const Dims& s, const KeyTile& tile, int64_
 // short tiles (pool slots, the causal diagonal) cost what they hold, not kKeyTile.
 int64_t tile_width(int64_t n) { return std::min(kKeyTile, (n + 7) / 8 * 8); }
 
+// max and sum over a score row of `width` (a multiple of 8) entries in kLanes independent lanes, combined
+// in a fixed tree: vectorizable, where one running scalar would be a chain of dependent adds.
+float row_max(const float* row, int64_t width) {
+  float lane[kLanes];
+  std::fill(lane, lane + kLanes, -INFINITY);
+  for (int64_t j = 0; j < width; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], row[j + l]);
+  return std::max(std::max(std::max(lane[0], lane[1]), std::max(lane[2], lane[3])),
+                  std::max(std::max(lane[4], lane[5]), std::max(lane[6], lane[7])));
+}
+float row_sum(const float* row, int64_t width) {
+  float lane[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t j = 0; j < width; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += row[j + l];
+  return combine_lanes(lane);
+}
+
 // Sets the scores of a tile row of `width` columns outside its visible columns [lo, hi) to -inf
 // (probability 0); lo >= hi hides the whole row.
 void mask_outside(float* row, int64_t width, int64_t lo, int64_t hi) {
@@ -195,39 +227,35 @@ void forward_impl(const Params& p) {
     QueryTileScratch& w = thread_scratch(rows, D);
     std::vector<SoftmaxRow> st((size_t)rows);
     load_query_rows<T>(p.q, s, b, hk, i0, nq, w.q.data());
-    for (int64_t x = 0; x < rows * D; ++x) w.q[x] *= p.scale;  // S comes out scaled
     std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
     for (auto& row : st) softmax_row_init(&row);
+    for (int64_t x = 0; x < rows * D; ++x) w.q[x] *= p.scale;  // S comes out scaled
 
     for_each_key_tile(p, s, b, i0 + nq - 1, [&](const KeyTile& tile) {
-      load_tile<T>(*tile.keys, tile.owner, tile.first, tile.n, hk, D, w.k_rows.data());
-      load_tile<T>(*tile.values, tile.owner, tile.first, tile.n, hk, D, w.v_rows.data());
+      const Rows keys = tile_rows<T>(*tile.keys, tile.owner, tile.first, tile.n, hk, D, w.k_rows.data());
+      const Rows values = tile_rows<T>(*tile.values, tile.owner, tile.first, tile.n, hk, D, w.v_rows.data());
       const int64_t width = tile_width(tile.n);
-      pack_transposed(w.k_rows.data(), tile.n, D, w.kt.data());
+      pack_transposed(keys.ptr, keys.ld, tile.n, D, w.kt.data());
       tile_product<false>(rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
       visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = w.s.data() + r * kKeyTile;
         mask_outside(srow, width, w.lo[r], w.hi[r]);
-        float tile_max = -INFINITY;
-        for (int64_t j = 0; j < width; ++j) tile_max = std::max(tile_max, srow[j]);
-        const float new_max = std::max(st[r].max, tile_max);
+        const float new_max = std::max(st[r].max, row_max(srow, width));
         if (new_max == -INFINITY) {  // nothing visible yet: the row contributes nothing
           std::fill(srow, srow + width, 0.0f);
           continue;
         }
         const float alpha = exp_nonpositive(st[r].max - new_max);  // 0 on the first visible tile
-        float tile_sum = 0.0f;
         for (int64_t j = 0; j < width; ++j) srow[j] = exp_nonpositive(srow[j] - new_max);
-        for (int64_t j = 0; j < width; ++j) tile_sum += srow[j];
-        st[r].sum = st[r].sum * alpha + tile_sum;
+        st[r].sum = st[r].sum * alpha + row_sum(srow, width);
         st[r].max = new_max;
         if (alpha != 1.0f) {
           float* acc = w.acc.data() + r * D;
           for (int64_t c = 0; c < D; ++c) acc[c] *= alpha;
         }
       }
-      tile_product<true>(rows, D, tile.n, w.s.data(), kKeyTile, 1, w.v_rows.data(), D, w.acc.data(), D);
+      tile_product<true>(rows, D, tile.n, w.s.data(), kKeyTile, 1, values.ptr, values.ld, w.acc.data(), D);
     });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
@@ -264,11 +292,11 @@ void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
 
     for_each_key_tile(p, s, b, i0 + nq - 1, [&](const KeyTile& tile) {
       const int64_t n = tile.n;
-      load_tile<T>(*tile.keys, tile.owner, tile.first, n, hk, D, w.k_rows.data());
-      load_tile<T>(*tile.values, tile.owner, tile.first, n, hk, D, w.v_rows.data());
+      const Rows keys = tile_rows<T>(*tile.keys, tile.owner, tile.first, n, hk, D, w.k_rows.data());
+      const Rows values = tile_rows<T>(*tile.values, tile.owner, tile.first, n, hk, D, w.v_rows.data());
       const int64_t width = tile_width(n);
-      pack_transposed(w.k_rows.data(), n, D, w.kt.data());
-      pack_transposed(w.v_rows.data(), n, D, w.vt.data());
+      pack_transposed(keys.ptr, keys.ld, n, D, w.kt.data());
+      pack_transposed(values.ptr, values.ld, n, D, w.vt.data());
       tile_product<false>(rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
       tile_product<false>(rows, width, D, w.dout.data(), D, 1, w.vt.data(), kKeyTile, w.dp.data(), kKeyTile);
       visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
@@ -286,7 +314,7 @@ void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
       float* dv = tile.use < 0 ? dv_own.data() + tile.first * D : dv_pool.data() + (tile.use * s.P + tile.first) * D;
       tile_product<true>(n, D, rows, w.s.data(), 1, kKeyTile, w.dout.data(), D, dv, D);     // dv += P^T dO
       tile_product<true>(n, D, rows, w.dp.data(), 1, kKeyTile, w.q.data(), D, dk, D);       // dk += dS^T Q
-      tile_product<true>(rows, D, n, w.dp.data(), kKeyTile, 1, w.k_rows.data(), D, w.acc.data(), D);  // dq += dS K
+      tile_product<true>(rows, D, n, w.dp.data(), kKeyTile, 1, keys.ptr, keys.ld, w.acc.data(), D);  // dq += dS K
     });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
