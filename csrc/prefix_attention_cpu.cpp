@@ -158,9 +158,11 @@ void visible_columns(const Params& p, const Dims& s, const KeyTile& tile, int64_
   }
 }
 
-// Columns a key tile of n keys computes: n rounded up to 8 (the packed K^T / V^T are zero there), so
-// short tiles (pool slots, the causal diagonal) cost what they hold, not kKeyTile.
-int64_t tile_width(int64_t n) { return std::min(kKeyTile, (n + 7) / 8 * 8); }
+// Columns a key tile of n keys computes: n rounded up to whole SIMD registers (at least 8 columns; the
+// packed K^T / V^T are zero there), so short tiles (pool slots, the causal diagonal) cost what they
+// hold, not kKeyTile, and never fall to the scalar column tail.
+constexpr int64_t kWidthStep = cpu_math::kVecFloats > 8 ? cpu_math::kVecFloats : 8;
+int64_t tile_width(int64_t n) { return std::min(kKeyTile, (n + kWidthStep - 1) / kWidthStep * kWidthStep); }
 
 // max and sum over a score row of `width` (a multiple of 8) entries in kLanes independent lanes, combined
 // in a fixed tree: vectorizable, where one running scalar would be a chain of dependent adds.
