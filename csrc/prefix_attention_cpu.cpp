@@ -89,12 +89,50 @@ void load_tile(const TensorArg& t, int64_t a, int64_t r0, int64_t n, int64_t h, 
   for (int64_t r = 0; r < n; ++r) load_row<T>(at<T>(t, a, r0 + r, h), d, dst + r * d);
 }
 
+#if defined(__GNUC__)
+typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t Lanes8 __attribute__((vector_size(8 * sizeof(int32_t))));
+
+// 8 x 8 block transpose in registers (unpack, shuffle, 128-bit permute: the AVX sequence, written
+// with generic shuffles so every ISA build compiles it): in[i] = row i, out[j] = column j.
+inline void transpose8(const Vec8 in[8], Vec8 out[8]) {
+  const Lanes8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const Lanes8 even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};
+  const Lanes8 low_halves = {0, 1, 2, 3, 8, 9, 10, 11}, high_halves = {4, 5, 6, 7, 12, 13, 14, 15};
+  Vec8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(in[i], in[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(in[i], in[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], even);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], odd);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], even);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], odd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = __builtin_shuffle(u[j], u[j + 4], low_halves);
+    out[j + 4] = __builtin_shuffle(u[j], u[j + 4], high_halves);
+  }
+}
+#endif
+
 // fp32 rows [n, d] (row r at rows + r * ld) -> columns [d, kKeyTile] (columns n.. zero), the B operand of
-// Q K^T and dO V^T.
+// Q K^T and dO V^T. Whole 8 x 8 blocks go through registers (d is a multiple of 8).
 void pack_transposed(const float* rows, int64_t ld, int64_t n, int64_t d, float* cols) {
+  int64_t r0 = 0;
+#if defined(__GNUC__)
+  for (; r0 + 8 <= n; r0 += 8)
+    for (int64_t c0 = 0; c0 < d; c0 += 8) {
+      Vec8 in[8], out[8];
+      for (int i = 0; i < 8; ++i) std::memcpy(&in[i], rows + (r0 + i) * ld + c0, sizeof(Vec8));
+      transpose8(in, out);
+      for (int j = 0; j < 8; ++j) std::memcpy(cols + (c0 + j) * kKeyTile + r0, &out[j], sizeof(Vec8));
+    }
+#endif
   for (int64_t c = 0; c < d; ++c) {
     float* col = cols + c * kKeyTile;
-    for (int64_t r = 0; r < n; ++r) col[r] = rows[r * ld + c];
+    for (int64_t r = r0; r < n; ++r) col[r] = rows[r * ld + c];
     for (int64_t r = n; r < kKeyTile; ++r) col[r] = 0.0f;
   }
 }
