@@ -85,21 +85,40 @@ __device__ __forceinline__ void for_each_key_tile(const Params& p, int64_t b, in
   }
 }
 
+// The query row of this thread in the forward and dq kernels: block = (b, query head, block of kRows
+// queries), thread = one query row (inactive past q_len, but it still takes part in the tile loads).
+struct QueryRow {
+  int64_t b, h, hk, i, i_last, key_start;
+  bool active;
+  __device__ explicit QueryRow(const Params& p) {
+    const int64_t nqb = ceil_div(p.q_len, kRows);
+    const int64_t bid = blockIdx.x, qb = bid % nqb;
+    h = (bid / nqb) % p.q_heads;
+    b = bid / (nqb * p.q_heads);
+    hk = h / (p.q_heads / p.kv_heads);
+    i = qb * kRows + threadIdx.x;
+    i_last = min64(p.q_len, (qb + 1) * kRows) - 1;
+    active = i < p.q_len;
+    key_start = reinterpret_cast<const int32_t*>(p.key_start)[b];
+  }
+  // Visible rows [lo, hi) of a key tile of n keys from j0: all of a pool tile, the masked range of an
+  // own-key tile.
+  __device__ void key_range(const Params& p, int64_t n, int64_t j0, bool own, int64_t* lo, int64_t* hi) const {
+    *lo = 0;
+    *hi = n;
+    if (own) own_tile_key_range(i, j0, n, p.q_len, p.k_len, key_start, p.causal, lo, hi);
+  }
+};
+
 // Forward: block = (b, query head, block of kRows queries), thread = one query row.
 template <class T, int DMAX>
 __global__ void __launch_bounds__(kRows) forward_kernel(const Params p) {
   constexpr int kTile = TileConfig<DMAX>::kTile;
   __shared__ float ks[kTile * DMAX];
   __shared__ float vs[kTile * DMAX];
-  const int64_t nqb = ceil_div(p.q_len, kRows);
-  const int64_t bid = blockIdx.x;
-  const int64_t qb = bid % nqb, h = (bid / nqb) % p.q_heads, b = bid / (nqb * p.q_heads);
-  const int64_t hk = h / (p.q_heads / p.kv_heads);
-  const int64_t i = qb * kRows + threadIdx.x;
-  const int64_t i_last = min64(p.q_len, (qb + 1) * kRows) - 1;
-  const bool active = i < p.q_len;
-  const int64_t d = p.head_dim;
-  const int64_t key_start = reinterpret_cast<const int32_t*>(p.key_start)[b];
+  const QueryRow row(p);
+  const int64_t b = row.b, h = row.h, i = row.i, d = p.head_dim;
+  const bool active = row.active;
 
   float q[DMAX], acc[DMAX], scratch[kTile];
   SoftmaxRow st;
@@ -107,10 +126,10 @@ __global__ void __launch_bounds__(kRows) forward_kernel(const Params p) {
   zero_row(acc, d);
   if (active) load_row<T>(tensor_row<T>(p.q, b, i, h), d, q);
 
-  for_each_key_tile<T, DMAX>(p, b, hk, i_last, ks, vs, [&](int64_t n, int64_t j0, bool own) {
+  for_each_key_tile<T, DMAX>(p, b, row.hk, row.i_last, ks, vs, [&](int64_t n, int64_t j0, bool own) {
     if (!active) return;
-    int64_t lo = 0, hi = n;
-    if (own) own_tile_key_range(i, j0, n, p.q_len, p.k_len, key_start, p.causal, &lo, &hi);
+    int64_t lo, hi;
+    row.key_range(p, n, j0, own, &lo, &hi);
     fwd_row_tile(q, ks, vs, DMAX, lo, hi, d, p.scale, scratch, &st, acc);
   });
   if (active)
@@ -134,15 +153,9 @@ __global__ void __launch_bounds__(kRows) dq_kernel(const Params p) {
   constexpr int kTile = TileConfig<DMAX>::kTile;
   __shared__ float ks[kTile * DMAX];
   __shared__ float vs[kTile * DMAX];
-  const int64_t nqb = ceil_div(p.q_len, kRows);
-  const int64_t bid = blockIdx.x;
-  const int64_t qb = bid % nqb, h = (bid / nqb) % p.q_heads, b = bid / (nqb * p.q_heads);
-  const int64_t hk = h / (p.q_heads / p.kv_heads);
-  const int64_t i = qb * kRows + threadIdx.x;
-  const int64_t i_last = min64(p.q_len, (qb + 1) * kRows) - 1;
-  const bool active = i < p.q_len;
-  const int64_t d = p.head_dim;
-  const int64_t key_start = reinterpret_cast<const int32_t*>(p.key_start)[b];
+  const QueryRow row(p);
+  const int64_t b = row.b, h = row.h, i = row.i, d = p.head_dim;
+  const bool active = row.active;
 
   float q[DMAX], dout[DMAX], acc[DMAX], scratch[kTile];
   float lse = 0.0f, delta = 0.0f;
@@ -150,14 +163,14 @@ __global__ void __launch_bounds__(kRows) dq_kernel(const Params p) {
   if (active) {
     load_row<T>(tensor_row<T>(p.q, b, i, h), d, q);
     load_row<T>(tensor_row<T>(p.grad_out, b, i, h), d, dout);
-    const int64_t row = (b * p.q_heads + h) * p.q_len + i;
-    lse = reinterpret_cast<const float*>(p.lse)[row];
-    delta = reinterpret_cast<const float*>(p.delta)[row];
+    const int64_t at = (b * p.q_heads + h) * p.q_len + i;
+    lse = reinterpret_cast<const float*>(p.lse)[at];
+    delta = reinterpret_cast<const float*>(p.delta)[at];
   }
-  for_each_key_tile<T, DMAX>(p, b, hk, i_last, ks, vs, [&](int64_t n, int64_t j0, bool own) {
+  for_each_key_tile<T, DMAX>(p, b, row.hk, row.i_last, ks, vs, [&](int64_t n, int64_t j0, bool own) {
     if (!active) return;
-    int64_t lo = 0, hi = n;
-    if (own) own_tile_key_range(i, j0, n, p.q_len, p.k_len, key_start, p.causal, &lo, &hi);
+    int64_t lo, hi;
+    row.key_range(p, n, j0, own, &lo, &hi);
     bwd_dq_row_tile(q, dout, lse, delta, ks, vs, DMAX, lo, hi, d, p.scale, scratch, acc);
   });
   if (active) bwd_dq_row_finish<T>(acc, d, p.scale, tensor_row_mut<T>(p.dq, b, i, h));
