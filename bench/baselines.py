@@ -45,11 +45,17 @@ def sdpa(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None,
     return out.transpose(1, 2)
 
 
-def gather_prefix(pool: Tensor, index: Tensor) -> Tensor:
-    """Each row's slots copied out of the pool and laid end to end: pool ``[S, P, Hkv, D]``, index
-    ``[B, M]`` -> ``[B, M * P, Hkv, D]`` (``-1`` entries read slot 0; mask them). Differentiable in the pool."""
+def with_prefix(prefix_k: Tensor, prefix_v: Tensor, k: Tensor, v: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's slots copied out of the pool, laid end to end and put before its own keys / values: the
+    pool ``[S, P, Hkv, D]``, k and v ``[B, T, Hkv, D]``, index ``[B, M]`` -> ``[B, M * P + T, Hkv, D]`` each
+    (``-1`` entries read slot 0; mask them). Differentiable in the pool."""
     batch, uses = index.shape
-    return pool[index.clamp(min=0)].reshape(batch, uses * pool.shape[1], *pool.shape[2:])
+
+    def joined(pool: Tensor, own: Tensor) -> Tensor:
+        gathered = pool[index.clamp(min=0)].reshape(batch, uses * pool.shape[1], *pool.shape[2:])
+        return torch.cat([gathered, own], dim=1)
+
+    return joined(prefix_k, k), joined(prefix_v, v)
 
 
 def peft_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
@@ -66,8 +72,7 @@ def peft_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pre
     num_slots, prefix_len = prefix_k.shape[:2]
     lens = torch.full((num_slots,), prefix_len, device=q.device) if prefix_lens is None else prefix_lens
     mask = attention_mask(index, lens, prefix_len, q.shape[1], k.shape[1], causal)
-    keys = torch.cat([gather_prefix(prefix_k, index), k], dim=1)
-    values = torch.cat([gather_prefix(prefix_v, index), v], dim=1)
+    keys, values = with_prefix(prefix_k, prefix_v, k, v, index)
     return sdpa(q, keys, values, mask, softmax_scale)
 
 
@@ -80,9 +85,7 @@ def flash_attn_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tenso
     """
     if flash_attn_func is None:
         raise RuntimeError("flash-attn is not importable here")
-    index = normalize_index(prefix_index).long()
-    keys = torch.cat([gather_prefix(prefix_k, index), k], dim=1)
-    values = torch.cat([gather_prefix(prefix_v, index), v], dim=1)
+    keys, values = with_prefix(prefix_k, prefix_v, k, v, normalize_index(prefix_index).long())
     return flash_attn_func(q, keys, values, causal=True)
 
 
@@ -93,12 +96,10 @@ def sdpa_flash_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tenso
     ``enable_gqa``. Like `flash_attn_prefix_attention`, every listed slot counts in full (no ``prefix_lens``)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
-    index = normalize_index(prefix_index).long()
-    keys = torch.cat([gather_prefix(prefix_k, index), k], dim=1).transpose(1, 2)
-    values = torch.cat([gather_prefix(prefix_v, index), v], dim=1).transpose(1, 2)
+    keys, values = with_prefix(prefix_k, prefix_v, k, v, normalize_index(prefix_index).long())
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True,
-                                             attn_mask=causal_lower_right(q.shape[1], keys.shape[2]))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             enable_gqa=True, attn_mask=causal_lower_right(q.shape[1], keys.shape[1]))
     return out.transpose(1, 2)
 
 
