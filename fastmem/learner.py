@@ -44,7 +44,7 @@ from torch import Tensor
 from fastmem.memory import MemoryBank
 from fastmem.sampling import sample
 from fastmem.store import MemoryStore
-from fastmem.training import MemoryTrainer
+from fastmem.training import MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
 KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
@@ -175,7 +175,7 @@ class OnlineLearner:
         all_prompts = prompts + [prompt for _, prompt, _ in replayed]
         all_traces = traces + [kept for _, _, kept in replayed]
         all_rewards = rewards + [[1.0] * len(kept) for _, _, kept in replayed]
-        signal = [_has_signal(row, self.objective) for row in all_rewards]
+        signal = [trains_on(row, self.objective) for row in all_rewards]
         for _ in range(self.steps if any(signal) else 0):
             trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
         if self.resample:
@@ -297,12 +297,6 @@ class _Batch:
     votes: list
     signal: list[bool]           # per slot (questions, then replayed problems): it trained
     replayed: list[tuple[int, list[int], list[list[int]]]]
-
-
-def _has_signal(rewards: list[float], objective: str) -> bool:
-    """Whether `MemoryTrainer` updates a problem with these rewards (sft: a reward-1 trace; reinforce: not
-    all rewards equal)."""
-    return any(r == 1 for r in rewards) if objective == "sft" else len(set(rewards)) > 1
 
 
 @dataclass

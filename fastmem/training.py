@@ -89,6 +89,12 @@ def _trace_weights(rewards: list[float], lengths: list[int], objective: str) -> 
     return [reward - baseline for reward in rewards]
 
 
+def trains_on(rewards: list[float], objective: str) -> bool:
+    """Whether a problem with these trace rewards gets a gradient (some trace weight is nonzero: sft, a
+    reward-1 trace; reinforce, rewards that differ)."""
+    return any(_trace_weights(rewards, [1] * len(rewards), objective))
+
+
 def _per_slot(tensor: Tensor, dim: int) -> Tensor:
     """``tensor`` with ``dim`` moved first and the rest flattened: ``[slots, -1]``."""
     return tensor.movedim(dim, 0).flatten(1)
