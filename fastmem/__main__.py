@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
+import sys
 
 import torch
 
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, available backends and what auto picks")
     run_parser = commands.add_parser("run", help="the online learner on a question stream (default: built-in)")
-    add_run_arguments(run_parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # its options read the learner's defaults: importing it takes seconds
+        add_run_arguments(run_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
