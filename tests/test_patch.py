@@ -78,6 +78,17 @@ def generate(model, ids, mask, **kwargs):
     return out[:, ids.shape[1]:]
 
 
+def greedy_uncached(model, row: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """``[1, steps]`` greedy tokens of one unpadded row by a full forward over the growing sequence at every
+    step, no cache: the reference for ``generate`` (call it inside the row's own ``inject`` block)."""
+    sequence = row[None]
+    with torch.no_grad():
+        for _ in range(steps):
+            following = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(dim=-1)
+            sequence = torch.cat([sequence, following[:, None]], dim=1)
+    return sequence[:, row.shape[0]:]
+
+
 def peft_baseline(model, kind: str):
     """PEFT's prompt or prefix tuning (random adapter, seeded) on a copy of the unpatched model."""
     torch.manual_seed(2)
@@ -132,14 +143,16 @@ def test_eager_attention_is_wrapped_too(kind):
     for model in (eager, sdpa):
         with inject(model, mixed_bank(model, kind), MIXED_INDEX):
             outputs.append(model(input_ids=ids, attention_mask=mask).logits)
-    assert max_diff(*outputs) < ATOL  # soft prompts run through each model's own attention first
+    real = mask.bool()                  # left-padding positions are unspecified (each attention fills its own)
+    assert max_diff(outputs[0][real], outputs[1][real]) < ATOL  # soft prompts run through each model's attention
     assert unpatch(eager).config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_memory_equals_peft(arch, kind):
-    """Logits, loss, bank gradients and greedy generation equal PEFT's with the same adapter."""
+    """Logits, loss and bank gradients equal PEFT's with the same adapter; greedy generation equals an uncached
+    recomputation (PEFT's own generate is wrong on transformers 5.24, so it is no reference)."""
     model = make_model(arch)
     peft_model = peft_baseline(model, kind)
     patch(model)
@@ -163,8 +176,9 @@ def test_memory_equals_peft(arch, kind):
         assert max_diff(bank_grad[bank.slot_selector(1, VIRTUAL_TOKENS)], grad) < ATOL
         bank_grad[bank.slot_selector(1, VIRTUAL_TOKENS)] = 0
         assert not bank_grad.any()      # unused slot 0 and positions beyond the adapter's length
-    with torch.no_grad():
-        assert torch.equal(generate(peft_model, ids, mask), generated)
+    with inject(model, bank, index[:1]):
+        for b in range(len(ids)):
+            assert torch.equal(greedy_uncached(model, ids[b]), generated[b:b + 1])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -183,7 +197,7 @@ def test_mixed_batch_equals_rows_alone(arch, kind):
         has_memory = bool((MIXED_INDEX[b] >= 0).any())
         with inject(model, bank, MIXED_INDEX[b:b + 1]):
             alone = model(input_ids=row[None], labels=row[None])
-            assert torch.equal(generate(model, row[None], torch.ones_like(row[None])), generated[b:b + 1])
+            assert torch.equal(greedy_uncached(model, row), generated[b:b + 1])
         assert max_diff(out.logits[b, -len(row):], alone.logits[0]) < ATOL
         if not has_memory:
             assert max_diff(alone.logits, model(input_ids=row[None]).logits) < ATOL

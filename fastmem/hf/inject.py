@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmem.hf.architectures import model_shape
 from fastmem.hf.attention import CONTEXT_KEYWORD, original_implementation
+from fastmem.hf.support import check_cache, check_rope_positions, find_cache, rope_position_limit
 from fastmem.kernels.prefix_attention_ref import valid_slot_positions
 from fastmem.ops import prefix_attention
 
@@ -135,55 +136,158 @@ def _check_grad_mode(needs_grad: bool) -> None:
 
 
 @dataclass(frozen=True)
+class KeyLayout:
+    """How one layer's own keys are laid out, read off the mask that layer is handed.
+
+    used: the leading keys that hold tokens (a static cache hands unfilled slots after them).
+    key_start: ``[B]`` or None; row b's own keys ``j < key_start[b]`` are left padding (or evicted).
+    longest_span: the most memory plus own positions any memory row attends to (checked against windows).
+    mismatched: whether some memory row's mask is not "every key in [key_start, own position]" (a window
+    that cuts the row, a custom 4-D mask), which the fused kernel cannot express.
+    """
+    used: int
+    key_start: Tensor | None
+    longest_span: int
+    mismatched: bool
+
+
+def _visible_keys(mask, batch: int, q_len: int, k_len: int) -> Tensor:
+    """A layer's attention mask as bool ``[B, Tq, Tk]``, True = visible.
+
+    Accepts what transformers' mask functions hand a layer: 4-D ``[B or 1, H or 1, Tq, Tk]`` bool (sdpa) or
+    additive float (eager, 0 = visible), or a 2-D padding mask ``[B, Tk]`` (flash attention: causal,
+    bottom-right aligned). TypeError for anything else (a flex BlockMask)."""
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 4):
+        raise TypeError(f"memory injection needs a dense attention mask (sdpa, eager or flash attention); got "
+                        f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
+    if mask.dim() == 2:
+        own = torch.arange(k_len, device=mask.device) <= (torch.arange(q_len, device=mask.device) + k_len - q_len)[:, None]
+        return mask.bool()[:, None, :] & own
+    visible = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    if visible.shape[-2:] != (q_len, k_len):
+        raise ValueError(f"the attention mask a layer got, {tuple(mask.shape)}, does not match its {q_len} queries "
+                         f"and {k_len} keys")
+    return visible.expand(batch, q_len, k_len)
+
+
+def key_layout(mask, batch: int, q_len: int, k_len: int, row_lengths: Tensor) -> KeyLayout:
+    """The `KeyLayout` of a layer handed ``mask`` (see `_visible_keys`; None = plain causal over every key)
+    with ``q_len`` queries and ``k_len`` keys, for rows with ``row_lengths [B]`` memory positions.
+
+    A query is real when it sees its own key (left and right padding queries do not). Own key of query i:
+    ``i + used - Tq``, where ``used`` is the largest ``last visible key - i + Tq`` over queries: every cache
+    layer hands keys in position order, so this is how many hold tokens. One host sync."""
+    if mask is None:
+        return KeyLayout(k_len, None, int(row_lengths.max()) + k_len, False)
+    visible = _visible_keys(mask, batch, q_len, k_len)
+    device = visible.device
+    keys, queries = torch.arange(k_len, device=device), torch.arange(q_len, device=device)
+    seen = visible.any(dim=-1)                                                  # [B, Tq]
+    last = k_len - 1 - visible.flip(-1).to(torch.uint8).argmax(dim=-1)
+    used = torch.where(seen, last - queries, -k_len).max() + q_len
+    own = queries + used - q_len                                                # [Tq]
+    real = visible.gather(2, own.clamp(0, k_len - 1).expand(batch, q_len)[..., None]).squeeze(2) & (own >= 0)
+    first = visible.to(torch.uint8).argmax(dim=-1)
+    key_start = torch.minimum(torch.where(real, first, k_len).min(dim=1).values, used)
+    expected = (keys >= key_start[:, None, None]) & (keys <= own[:, None])
+    matches = ((visible == expected) | ~real[..., None]).all(dim=-1).all(dim=-1)
+    has_memory = row_lengths > 0
+    span = torch.where(has_memory, row_lengths + used - key_start, 0).max()
+    used, span, mismatched = torch.stack([used, span, (has_memory & ~matches).any()]).tolist()
+    return KeyLayout(used, key_start, span, bool(mismatched))
+
+
+def _mask_rows(mask, rows: Tensor):
+    """The rows ``rows`` of a layer's mask (unchanged when it has none or broadcasts over rows)."""
+    return mask if not isinstance(mask, Tensor) or mask.shape[0] == 1 else mask[rows]
+
+
+@dataclass(frozen=True)
 class InjectionContext:
     """The attention handler for one forward: every layer attends to ``memory`` before its own keys.
 
-    key_start: ``[B]`` or None; own keys ``j < key_start[b]`` are left padding and invisible.
-    longest_memory: the most memory positions of any row (checked against sliding windows).
+    Rows with memory run `fastmem.prefix_attention`; rows without any (no slot, or empty slots) run the
+    model's own attention with the mask it was handed, so they equal the unpatched model exactly, whatever
+    cache or window is in play. Each layer reads its keys' layout off its own mask (`key_layout`), once per
+    distinct mask per forward.
+    row_lengths: ``[B]`` memory positions of each row; longest_memory: their maximum.
+    memory_rows / plain_rows: ``[B']`` rows with / without memory; None when every row has memory.
     needs_grad: whether the memory expects gradients (autograd must be on inside the layers).
     """
     memory: Memory
-    key_start: Tensor | None
+    row_lengths: Tensor
     longest_memory: int
+    memory_rows: Tensor | None
+    plain_rows: Tensor | None
     needs_grad: bool = False
+    layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def for_memory(cls, memory: Memory, key_start: Tensor | None = None) -> "InjectionContext":
+    def for_memory(cls, memory: Memory) -> "InjectionContext":
         """The handler attending to ``memory``; it expects gradients when autograd is on and the pool needs them.
 
         Checks the slot ids and slot lengths here, in the one host sync this needs anyway, so that every
-        layer's `prefix_attention` skips its own check (key_start comes from a checked mask)."""
+        layer's `prefix_attention` skips its own check."""
         tensors = [t for pair in memory.pool.layers for t in pair]
         lengths, index = memory.pool.lengths, memory.index
         in_range = index.clamp(max=lengths.shape[0] - 1)  # a bad id must fail the check below, not the gather
-        longest, index_min, index_max, lens_min, lens_max = torch.stack([
-            t.long() for t in (memory_lengths(lengths, in_range).max(), index.min(), index.max(), lengths.min(),
-                               lengths.max())]).tolist()
+        row_lengths = memory_lengths(lengths, in_range)
+        bounds = torch.cat([torch.stack([index.min(), index.max(), lengths.min(), lengths.max()]).long(),
+                            row_lengths.long()]).tolist()
+        (index_min, index_max, lens_min, lens_max), per_row = bounds[:4], bounds[4:]
         num_slots, pool_len = tensors[0].shape[:2]
         if index_min < -1 or index_max >= num_slots or lens_min < 0 or lens_max > pool_len:
             raise IndexError(f"memory index in [{index_min}, {index_max}] or slot lengths in [{lens_min}, "
                              f"{lens_max}] out of range for a pool of {num_slots} slots of {pool_len} positions")
-        return cls(memory, key_start, longest, _needs_grad(tensors))
+        memory_rows = plain_rows = None
+        if min(per_row) == 0 < max(per_row):
+            memory_rows, plain_rows = (torch.tensor([b for b, n in enumerate(per_row) if (n > 0) == wanted],
+                                                    device=index.device) for wanted in (True, False))
+        return cls(memory, row_lengths, max(per_row), memory_rows, plain_rows, _needs_grad(tensors))
 
-    def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask, *,
-               scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+    def layout(self, mask, batch: int, q_len: int, k_len: int) -> KeyLayout:
+        """`key_layout` of a layer's mask, computed once per distinct mask object in this forward."""
+        key = (id(mask), q_len, k_len)
+        if key not in self.layouts:
+            self.layouts[key] = (mask, key_layout(mask, batch, q_len, k_len, self.row_lengths))
+        return self.layouts[key][1]
+
+    def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
                **kwargs) -> tuple[Tensor, None]:
-        """query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, D]``; the 4-D mask is unused."""
+        """query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` as the layer's cache hands them, with the
+        layer's own mask -> ``[B, Tq, Hq, D]``. ValueError when memory would not fit a sliding window, when
+        attention dropout is on, or when a memory row's mask is not one run of keys."""
         _check_grad_mode(self.needs_grad)
-        if dropout:
-            raise ValueError(f"attention dropout ({dropout}) is not supported with memory; use model.eval() "
-                             "or set config.attention_dropout = 0")
-        if sliding_window is not None:
-            longest = self.longest_memory + key.shape[2]
-            if longest > sliding_window:
-                raise ValueError(f"memory plus keys ({longest} positions) exceed layer {module.layer_idx}'s "
-                                 f"sliding window of {sliding_window}")
+        if self.longest_memory == 0:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        if kwargs.get("dropout"):
+            raise ValueError(f"attention dropout ({kwargs['dropout']}) is not supported with memory; use "
+                             "model.eval() or set config.attention_dropout = 0")
+        batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+        layout = self.layout(attention_mask, batch, q_len, k_len)
+        window = kwargs.get("sliding_window")
+        if window is not None and layout.longest_span > window:
+            raise ValueError(f"memory plus keys ({layout.longest_span} positions) exceed layer {module.layer_idx}'s "
+                             f"sliding window of {window}")
+        if layout.mismatched:
+            raise ValueError(f"layer {module.layer_idx}'s attention mask does not give a row with memory one run "
+                             "of keys ending at each query (packed sequences or a custom 4-D mask)")
+        rows, index, key_start = self.memory_rows, self.memory.index, layout.key_start
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        if key_start is not None:
+            key_start = pick(key_start)
         pool_keys, pool_values = self.memory.pool.layers[module.layer_idx]
-        out = prefix_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               pool_keys.to(query.dtype), pool_values.to(query.dtype), self.memory.index,
-                               self.memory.pool.lengths, causal=True, softmax_scale=scaling,
-                               key_start=self.key_start, check_index=False)
-        return out, None
+        out = prefix_attention(pick(query).transpose(1, 2), pick(key)[:, :, :layout.used].transpose(1, 2),
+                               pick(value)[:, :, :layout.used].transpose(1, 2), pool_keys.to(query.dtype),
+                               pool_values.to(query.dtype), pick(index), self.memory.pool.lengths, causal=True,
+                               softmax_scale=kwargs.get("scaling"), key_start=key_start, check_index=False)
+        if rows is None:
+            return out, None
+        plain = self.plain_rows
+        plain_out, _ = original(module, query[plain], key[plain], value[plain], _mask_rows(attention_mask, plain),
+                                **kwargs)
+        return out.new_empty((batch, *out.shape[1:])).index_copy(0, rows, out).index_copy(
+            0, plain, plain_out.to(out.dtype)), None
 
 
 @dataclass
@@ -251,16 +355,14 @@ def soft_prompt_memory(model, prompts: Tensor, lengths: Tensor, index: Tensor, w
     return Memory(recorder.pool(sequence_lengths), row_index, lead_logits)
 
 
-def _key_start(attention_mask: Tensor | None, batch: int, key_len: int) -> Tensor | None:
-    """Leading padding of each row of a 2-D mask ``[B, past + T]``; ValueError for any other layout."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, key_len):
-        raise ValueError(f"memory injection needs a 2-D attention_mask [batch, past + new tokens] = "
-                         f"[{batch}, {key_len}]; got {tuple(attention_mask.shape)}")
+def _key_start(attention_mask: Tensor, batch: int, new: int) -> Tensor:
+    """Leading padding ``[B]`` of each row of a 2-D mask ``[B, past + new]``; ValueError for any other layout."""
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < new:
+        raise ValueError(f"memory injection needs a 2-D attention_mask [batch, past + new tokens] with batch = "
+                         f"{batch} and at least {new} columns; got {tuple(attention_mask.shape)}")
     valid = attention_mask.bool()
     start = (~valid).long().cumprod(dim=1).sum(dim=1)
-    positions = torch.arange(key_len, device=valid.device)
+    positions = torch.arange(attention_mask.shape[1], device=valid.device)
     expected = (positions >= start[:, None]) & (positions < (start + valid.sum(dim=1))[:, None])
     if not torch.equal(valid, expected):
         raise ValueError("with memory, each attention_mask row must be one run of ones (left and/or right "
@@ -270,7 +372,9 @@ def _key_start(attention_mask: Tensor | None, batch: int, key_len: int) -> Tenso
 
 def _position_ids(position_ids: Tensor | None, attention_mask: Tensor | None, past: int, new: int,
                   row_lengths: Tensor) -> Tensor:
-    """``[B, T]`` positions of the new tokens as if each row ran alone, shifted by its memory length."""
+    """``[B, T]`` positions of the new tokens as if each row ran alone, shifted by its memory length.
+
+    attention_mask: the forward's mask when it is 2-D (positions count its ones), else None."""
     if position_ids is None:
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
@@ -290,6 +394,7 @@ class _Injection:
     def __init__(self, model, source: MemorySource, index: Tensor, expand: int):
         self.model, self.source, self.index, self.expand = model, source, index, expand
         self.parameter_names = list(inspect.signature(model.forward).parameters)
+        self.rope_limit = rope_position_limit(model)
         self.cached: tuple[tuple, Memory] | None = None
         self.pending: tuple[InjectionContext, Tensor, bool] | None = None
 
@@ -314,45 +419,54 @@ class _Injection:
         if batch != self.index.shape[0] * self.expand:
             raise ValueError(f"memory index has {self.index.shape[0]} rows (x expand={self.expand}) but the batch "
                              f"has {batch}")
+        cache = find_cache(kwargs)          # by type: transformers 5.24 passes `cache=`, older `past_key_values=`
         self.source.validate(self.model)
         memory = self.memory(self.index.repeat_interleave(self.expand, dim=0))
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        context = InjectionContext.for_memory(memory)
+        if context.longest_memory > 0:
+            check_cache(cache)
         attention_mask = kwargs.get("attention_mask")
-        key_start = _key_start(attention_mask, batch, past + new)
-        kwargs["position_ids"] = _position_ids(kwargs.get("position_ids"), attention_mask, past, new,
-                                               memory.row_lengths())
-        context = InjectionContext.for_memory(memory, key_start)
+        flat_mask = attention_mask if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 else None
+        if attention_mask is not None and flat_mask is None and (kwargs.get("position_ids") is None
+                                                               or kwargs.get("labels") is not None):
+            raise ValueError("with memory, a forward given a prepared (4-D or per-layer) attention_mask needs "
+                             "explicit position_ids and no labels; pass the 2-D padding mask instead")
+        past = flat_mask.shape[1] - new if flat_mask is not None else int(cache.get_seq_length()) if cache is not None else 0
+        first_token = _key_start(flat_mask, batch, new) - past if flat_mask is not None else None
+        positions = _position_ids(kwargs.get("position_ids"), flat_mask, past, new, context.row_lengths)
+        if context.longest_memory > 0 and self.rope_limit is not None:
+            check_rope_positions(self.rope_limit, int(positions.max()))
+        kwargs["position_ids"] = positions
         kwargs[CONTEXT_KEYWORD] = context
         if kwargs.get("labels") is not None:
-            self.pending = (context, past, kwargs.pop("labels"), kwargs.get("return_dict", True))
+            self.pending = (context, first_token, kwargs.pop("labels"), kwargs.get("return_dict", True))
             kwargs["return_dict"] = True
         return (), kwargs
 
     def after_forward(self, module, args, kwargs, output):
         if self.pending is None or kwargs.get(CONTEXT_KEYWORD) is not self.pending[0]:
             return None
-        context, past, labels, return_dict = self.pending
+        context, first_token, labels, return_dict = self.pending
         self.pending = None
-        output.loss = self.loss(context, past, output.logits, labels, kwargs.get("num_items_in_batch"))
+        output.loss = self.loss(context, first_token, output.logits, labels, kwargs.get("num_items_in_batch"))
         return output if return_dict else output.to_tuple()
 
-    def loss(self, context: InjectionContext, past: int, logits: Tensor, labels: Tensor,
+    def loss(self, context: InjectionContext, first_token: Tensor | None, logits: Tensor, labels: Tensor,
              num_items_in_batch) -> Tensor:
         """The model's own loss, with each row's first real token predicted as if the row ran alone.
 
-        logits ``[B, T, V]``, labels ``[B, T]`` (the new tokens after ``past`` cached ones). Position t
-        predicts ``labels[:, t + 1]`` as usual, except for each row's first real token
-        (``labels[b, key_start[b]]``): the last memory position predicts it for soft prompts (as in
+        logits ``[B, T, V]``, labels ``[B, T]`` (the new tokens), first_token ``[B]`` (each row's first real
+        token, counted from the first new one: negative when it is cached; None = 0). Position t predicts ``labels[:, t + 1]`` as usual, except for each row's
+        first real token (``labels[b, first_token[b]]``): the last memory position predicts it for soft prompts (as in
         PEFT's prompt tuning); nothing does for prefixes or rows without memory (as in PEFT's prefix
         tuning and a plain model). So left padding never predicts a real token.
         """
         batch, length = labels.shape
-        starts = (context.key_start if context.key_start is not None else labels.new_zeros(batch)) - past
+        starts = first_token if first_token is not None else labels.new_zeros(batch)
         positions = torch.arange(length + 1, device=labels.device)
         is_first = positions == starts[:, None]                        # [B, T + 1]: full position of labels[s]
         lead = context.memory.lead_logits
-        has_lead = context.memory.row_lengths() > 0 if lead is not None else torch.zeros_like(is_first[:, 0])
+        has_lead = context.row_lengths > 0 if lead is not None else torch.zeros_like(is_first[:, 0])
         full_logits = torch.cat([logits[:, :1], logits], dim=1)          # full_logits[t] predicts labels[t]
         if lead is not None:
             full_logits = torch.where((is_first & has_lead[:, None])[..., None], lead[:, None].to(logits.dtype),
