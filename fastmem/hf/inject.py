@@ -380,8 +380,6 @@ def _position_ids(position_ids: Tensor | None, attention_mask: Tensor | None, pa
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
         else:
             position_ids = torch.arange(past, past + new, device=row_lengths.device)[None]
-    elif attention_mask is None and past == 0 and bool((position_ids.diff(dim=-1) != 1).any()):
-        raise ValueError("packed sequences (position_ids restarting inside a row) are not supported with memory")
     return position_ids + row_lengths[:, None]
 
 
@@ -433,6 +431,9 @@ class _Injection:
                              "explicit position_ids and no labels; pass the 2-D padding mask instead")
         past = flat_mask.shape[1] - new if flat_mask is not None else int(cache.get_seq_length()) if cache is not None else 0
         first_token = _key_start(flat_mask, batch, new) - past if flat_mask is not None else None
+        if attention_mask is None and past == 0 and kwargs.get("position_ids") is not None and bool(
+                (kwargs["position_ids"].diff(dim=-1) != 1).any()):
+            raise ValueError("packed sequences (position_ids restarting inside a row) are not supported with memory")
         positions = _position_ids(kwargs.get("position_ids"), flat_mask, past, new, context.row_lengths)
         if context.longest_memory > 0 and self.rope_limit is not None:
             check_rope_positions(self.rope_limit, int(positions.max()))
