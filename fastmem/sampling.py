@@ -150,13 +150,15 @@ class _LockstepDecoder:
         return output_logits(self.model, hidden[:, 0])
 
     def attend(self, original, module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
-        """key/value ``[R, Hkv, 1, D]``: written into the buffers, then the pool and the filled views attended."""
+        """key/value ``[R, Hkv, 1, D]``: written into the buffers, then the pool and the filled views attended.
+
+        The mask the model made describes its one new key, not the buffers: every filled key is visible (no mask)."""
         keys, values = self.buffers[module.layer_idx]
         keys[:, self.filled] = key[:, :, 0]
         values[:, self.filled] = value[:, :, 0]
         end = self.filled + 1
         return self.context.attend(original, module, query, keys[:, :end].transpose(1, 2),
-                                   values[:, :end].transpose(1, 2), attention_mask, **kwargs)
+                                   values[:, :end].transpose(1, 2), None, **kwargs)
 
 
 class _Progress:

@@ -58,9 +58,12 @@ def continuation_logprob(model, prompt: list[int], tokens: list[int], memory: di
 
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "llama-eager"])
 def test_greedy_equals_hf_generate(arch, kind):
-    model = patch(make_model(arch))
+    model = make_model(arch.removesuffix("-eager"))
+    if arch.endswith("-eager"):
+        model.set_attn_implementation("eager")
+    model = patch(model)
     memory, prompts = memory_args(model, kind), make_prompts()
     result = sample(model, prompts, n=2, max_new_tokens=10, temperature=0, eos_token_id=(), **memory)
     for row, prompt in enumerate(prompts):
