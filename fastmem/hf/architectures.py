@@ -15,10 +15,13 @@ Shapes are read from the config the same way for every row (`model_shape`).
 |            |                | prompts enter as `inputs_embeds` exactly like PEFT's, so both versions match it |
 | phi3       | Phi-3          | fused qkv projection; sliding window (`config.sliding_window`)                 |
 
-transformers >= 4.56 (`MIN_TRANSFORMERS`; tested with 4.56.2, 4.57.6 and 5.23.0, PEFT 0.21.2).
+transformers >= 4.56 (`MIN_TRANSFORMERS`; tested with `TESTED_TRANSFORMERS`, PEFT 0.21.2, by
+`scripts/compat.sh`). Caches and rotary embeddings a forward may hand fastmem: `fastmem.hf.support`.
 
 Sliding windows: memory positions count towards the window, as they would for PEFT's cache-based
-prefix; fastmem raises when memory plus keys would exceed a layer's window (the fused op has none).
+prefix; fastmem raises when a row's memory plus keys would exceed a layer's window (the fused op has
+none). Rows without memory run the model's own attention, so windows (and everything else) apply to
+them exactly as without fastmem.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import transformers
 from packaging.version import Version
 
 MIN_TRANSFORMERS = "4.56.0"
-TESTED_TRANSFORMERS = ("4.56.2", "4.57.6", "5.23.0")
+TESTED_TRANSFORMERS = ("4.56.2", "4.57.6", "5.23.0", "5.24.0")
 
 
 @dataclass(frozen=True)
