@@ -1,6 +1,7 @@
 // CUDA entry points of prefix attention: launches the plans of prefix_attention_cuda.cuh (dtype and
-// head-dim dispatch, grids, kernel order) on the caller's stream (params.stream, torch's current
-// stream). Everything is asynchronous; launch errors surface as std::runtime_error.
+// head-dim dispatch, grids cut to the limits of launch_grid.h, kernel order) on the caller's stream
+// (params.stream, torch's current stream). Everything is asynchronous; launch errors surface as
+// std::runtime_error.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -42,15 +43,15 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-// The launcher the plans call: one stream, kernels in call order.
+// Launches one piece of a plan's grid (GridSplitter keeps it within the grid limits): one stream,
+// kernels in call order.
 struct StreamLauncher {
   const Params& p;
   cudaStream_t stream;
   template <class Kernel>
-  void operator()(Kernel kernel, int64_t blocks, int threads, unsigned grid_y, const char* name) const {
-    if (blocks <= 0) return;
-    if (blocks > 0x7fffffffLL) throw std::runtime_error(std::string("fastmem native CUDA: grid too large for ") + name);
-    kernel<<<dim3((unsigned)blocks, grid_y), dim3(threads), 0, stream>>>(p);
+  void operator()(Kernel kernel, const BlockOffset& at, int64_t blocks_x, int64_t blocks_y, int threads,
+                  const char* name) const {
+    kernel<<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)), dim3(threads), 0, stream>>>(p, at);
     check_cuda(cudaGetLastError(), name);
   }
 };

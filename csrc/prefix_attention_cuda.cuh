@@ -2,8 +2,10 @@
 // row (forward, dq) or per key row (dk/dv), key/query tiles staged in shared memory as fp32.
 //
 // This header holds only kernels (no launches, no runtime calls), so a host emulation can compile it
-// too; prefix_attention_cuda.cu launches them. Layout: blockDim.x == kRows; blockIdx.x enumerates
-// (batch row or pool use, head, row block) with the row block fastest.
+// too; prefix_attention_cuda.cu launches them. Layout: blockDim.x == kRows; the block index x enumerates
+// (batch row or pool use, head, row block) with the row block fastest. A grid beyond the hardware limits
+// runs as several launches (launch_grid.h): every kernel takes its launch's BlockOffset and indexes
+// blocks as offset + blockIdx, so a cut grid computes the bits of an uncut one.
 //
 // Determinism: no atomics; every output element is written by one thread whose loop order is fixed.
 // Pool gradients: per-use fp32 partials, then `reduce_slots_kernel` sums each slot's uses in
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "launch_grid.h"
 #include "prefix_attention.h"
 #include "prefix_attention_tile.h"
 
@@ -90,9 +93,9 @@ __device__ __forceinline__ void for_each_key_tile(const Params& p, int64_t b, in
 struct QueryRow {
   int64_t b, h, hk, i, i_last, key_start;
   bool active;
-  __device__ explicit QueryRow(const Params& p) {
+  __device__ QueryRow(const Params& p, const BlockOffset& at) {
     const int64_t nqb = ceil_div(p.q_len, kRows);
-    const int64_t bid = blockIdx.x, qb = bid % nqb;
+    const int64_t bid = at.x + blockIdx.x, qb = bid % nqb;
     h = (bid / nqb) % p.q_heads;
     b = bid / (nqb * p.q_heads);
     hk = h / (p.q_heads / p.kv_heads);
@@ -112,11 +115,11 @@ struct QueryRow {
 
 // Forward: block = (b, query head, block of kRows queries), thread = one query row.
 template <class T, int DMAX>
-__global__ void __launch_bounds__(kRows) forward_kernel(const Params p) {
+__global__ void __launch_bounds__(kRows) forward_kernel(const Params p, const BlockOffset at) {
   constexpr int kTile = TileConfig<DMAX>::kTile;
   __shared__ float ks[kTile * DMAX];
   __shared__ float vs[kTile * DMAX];
-  const QueryRow row(p);
+  const QueryRow row(p, at);
   const int64_t b = row.b, h = row.h, i = row.i, d = p.head_dim;
   const bool active = row.active;
 
@@ -139,8 +142,8 @@ __global__ void __launch_bounds__(kRows) forward_kernel(const Params p) {
 
 // delta[b, h, i] = rowsum(dO * O): one thread per (b, h, i).
 template <class T>
-__global__ void delta_kernel(const Params p) {
-  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void delta_kernel(const Params p, const BlockOffset at) {
+  const int64_t idx = (at.x + blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * p.q_heads * p.q_len) return;
   const int64_t i = idx % p.q_len, h = (idx / p.q_len) % p.q_heads, b = idx / (p.q_len * p.q_heads);
   reinterpret_cast<float*>(p.delta)[idx] =
@@ -149,11 +152,11 @@ __global__ void delta_kernel(const Params p) {
 
 // dq: same blocks and key tiles as the forward.
 template <class T, int DMAX>
-__global__ void __launch_bounds__(kRows) dq_kernel(const Params p) {
+__global__ void __launch_bounds__(kRows) dq_kernel(const Params p, const BlockOffset at) {
   constexpr int kTile = TileConfig<DMAX>::kTile;
   __shared__ float ks[kTile * DMAX];
   __shared__ float vs[kTile * DMAX];
-  const QueryRow row(p);
+  const QueryRow row(p, at);
   const int64_t b = row.b, h = row.h, i = row.i, d = p.head_dim;
   const bool active = row.active;
 
@@ -213,14 +216,14 @@ __device__ __forceinline__ void dkdv_loop(const Params& p, int64_t b, int64_t hk
 
 // dk/dv of own keys: block = (b, kv head, block of kRows keys), thread = one key row.
 template <class T, int DMAX>
-__global__ void __launch_bounds__(kRows) dkdv_own_kernel(const Params p) {
+__global__ void __launch_bounds__(kRows) dkdv_own_kernel(const Params p, const BlockOffset at) {
   constexpr int kTile = TileConfig<DMAX>::kTile;
   __shared__ float qs[kTile * DMAX];
   __shared__ float dos[kTile * DMAX];
   __shared__ float lse_s[kTile];
   __shared__ float delta_s[kTile];
   const int64_t nkb = ceil_div(p.k_len, kRows);
-  const int64_t bid = blockIdx.x;
+  const int64_t bid = at.x + blockIdx.x;
   const int64_t kb = bid % nkb, hk = (bid / nkb) % p.kv_heads, b = bid / (nkb * p.kv_heads);
   const int64_t j = kb * kRows + threadIdx.x;
   const int64_t j_block_end = min64(p.k_len, (kb + 1) * kRows);
@@ -253,14 +256,14 @@ __global__ void __launch_bounds__(kRows) dkdv_own_kernel(const Params p) {
 
 // fp32 per-use pool partials: block = (use b * M + m, kv head, block of kRows positions).
 template <class T, int DMAX>
-__global__ void __launch_bounds__(kRows) dkdv_pool_kernel(const Params p) {
+__global__ void __launch_bounds__(kRows) dkdv_pool_kernel(const Params p, const BlockOffset at) {
   constexpr int kTile = TileConfig<DMAX>::kTile;
   __shared__ float qs[kTile * DMAX];
   __shared__ float dos[kTile * DMAX];
   __shared__ float lse_s[kTile];
   __shared__ float delta_s[kTile];
   const int64_t npb = ceil_div(p.prefix_len, kRows);
-  const int64_t bid = blockIdx.x;
+  const int64_t bid = at.x + blockIdx.x;
   const int64_t pb = bid % npb, hk = (bid / npb) % p.kv_heads, use = bid / (npb * p.kv_heads);
   const int64_t b = use / p.uses;
   const int32_t slot = reinterpret_cast<const int32_t*>(p.index)[use];
@@ -292,15 +295,16 @@ __global__ void __launch_bounds__(kRows) dkdv_pool_kernel(const Params p) {
 }
 
 // dprefix[s, pos, hk, c] = 0 + partial[u1] + partial[u2] + ... over the slot's uses in (b, m) order.
-// One thread per output element of one of the two pools (blockIdx.y: 0 = k, 1 = v).
+// One thread per output element of one of the two pools (block index y: 0 = k, 1 = v).
 template <class T>
-__global__ void reduce_slots_kernel(const Params p) {
+__global__ void reduce_slots_kernel(const Params p, const BlockOffset at) {
   const int64_t row = p.kv_heads * p.head_dim;
-  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t idx = (at.x + blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.num_slots * p.prefix_len * row) return;
   const int64_t c = idx % row, pos = (idx / row) % p.prefix_len, slot = idx / (row * p.prefix_len);
-  const float* part = reinterpret_cast<const float*>(blockIdx.y == 0 ? p.dprefix_k_partial : p.dprefix_v_partial);
-  T* out = reinterpret_cast<T*>(blockIdx.y == 0 ? p.dprefix_k : p.dprefix_v);
+  const bool is_k = (at.y + blockIdx.y) == 0;
+  const float* part = reinterpret_cast<const float*>(is_k ? p.dprefix_k_partial : p.dprefix_v_partial);
+  T* out = reinterpret_cast<T*>(is_k ? p.dprefix_k : p.dprefix_v);
   const int32_t* offsets = reinterpret_cast<const int32_t*>(p.slot_offsets);
   const int32_t* uses = reinterpret_cast<const int32_t*>(p.slot_uses);
   float acc = 0.0f;
@@ -311,27 +315,41 @@ __global__ void reduce_slots_kernel(const Params p) {
 
 // ---------------------------------------------------------------------------------------------
 // Launch plans: which kernels, how many blocks, in which order. Shared by the CUDA launcher in
-// prefix_attention_cuda.cu and any host emulation, so both run the same grids. `launch` is called as
-// launch(kernel, blocks, threads_per_block, grid_y, name) and must run kernels in call order (one
-// stream); blocks == 0 means nothing to run.
+// prefix_attention_cuda.cu and any host emulation, so both run the same grids. The plans call
+// launch(kernel, blocks, threads_per_block, grid_y, name) for a grid of blocks x grid_y blocks
+// (blocks == 0: nothing to run); `GridSplitter` cuts it by for_each_grid_chunk and hands each piece to
+// the caller's launch_chunk(kernel, BlockOffset, blocks_x, blocks_y, threads_per_block, name), which
+// must run kernels in call order (one stream).
 // ---------------------------------------------------------------------------------------------
 constexpr int kFlatThreads = 256;  // threads per block of the elementwise kernels
 
+template <class LaunchChunk>
+struct GridSplitter {
+  const LaunchChunk& launch_chunk;
+  GridLimits limits;
+  template <class Kernel>
+  void operator()(Kernel kernel, int64_t blocks, int threads, int64_t grid_y, const char* name) const {
+    for_each_grid_chunk(blocks, grid_y, limits, [&](const BlockOffset& at, int64_t blocks_x, int64_t blocks_y) {
+      launch_chunk(kernel, at, blocks_x, blocks_y, threads, name);
+    });
+  }
+};
+
 template <class T, int DMAX, class Launch>
 void plan_forward(const Params& p, const Launch& launch) {
-  launch(forward_kernel<T, DMAX>, p.batch * p.q_heads * ceil_div(p.q_len, kRows), kRows, 1u, "forward_kernel");
+  launch(forward_kernel<T, DMAX>, p.batch * p.q_heads * ceil_div(p.q_len, kRows), kRows, 1, "forward_kernel");
 }
 
 template <class T, int DMAX, class Launch>
 void plan_backward(const Params& p, const Launch& launch) {
-  launch(delta_kernel<T>, ceil_div(p.batch * p.q_heads * p.q_len, kFlatThreads), kFlatThreads, 1u, "delta_kernel");
-  launch(dq_kernel<T, DMAX>, p.batch * p.q_heads * ceil_div(p.q_len, kRows), kRows, 1u, "dq_kernel");
-  launch(dkdv_own_kernel<T, DMAX>, p.batch * p.kv_heads * ceil_div(p.k_len, kRows), kRows, 1u,
+  launch(delta_kernel<T>, ceil_div(p.batch * p.q_heads * p.q_len, kFlatThreads), kFlatThreads, 1, "delta_kernel");
+  launch(dq_kernel<T, DMAX>, p.batch * p.q_heads * ceil_div(p.q_len, kRows), kRows, 1, "dq_kernel");
+  launch(dkdv_own_kernel<T, DMAX>, p.batch * p.kv_heads * ceil_div(p.k_len, kRows), kRows, 1,
          "dkdv_own_kernel");
-  launch(dkdv_pool_kernel<T, DMAX>, p.batch * p.uses * p.kv_heads * ceil_div(p.prefix_len, kRows), kRows, 1u,
+  launch(dkdv_pool_kernel<T, DMAX>, p.batch * p.uses * p.kv_heads * ceil_div(p.prefix_len, kRows), kRows, 1,
          "dkdv_pool_kernel");
   launch(reduce_slots_kernel<T>, ceil_div(p.num_slots * p.prefix_len * p.kv_heads * p.head_dim, kFlatThreads),
-         kFlatThreads, 2u, "reduce_slots_kernel");
+         kFlatThreads, 2, "reduce_slots_kernel");
 }
 
 // Picks the storage type from params.dtype and the head-dim bucket DMAX in {64, 128, 256}.
@@ -342,8 +360,10 @@ void plan_dim(const Params& p, const Launch& launch) {
   return kBackward ? plan_backward<T, 256>(p, launch) : plan_forward<T, 256>(p, launch);
 }
 
-template <bool kBackward, class Launch>
-void plan(const Params& p, const Launch& launch) {
+// Runs the forward or backward plan of p through launch_chunk (see GridSplitter), every grid cut to `limits`.
+template <bool kBackward, class LaunchChunk>
+void plan(const Params& p, const LaunchChunk& launch_chunk, const GridLimits& limits = GridLimits{}) {
+  const GridSplitter<LaunchChunk> launch{launch_chunk, limits};
   if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) throw std::invalid_argument("q_heads % kv_heads != 0");
   if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % kLanes != 0)
     throw std::invalid_argument("head_dim must be a multiple of 8 in 8..256");

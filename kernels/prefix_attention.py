@@ -15,10 +15,19 @@ fp32 products (no TF32), while fp16 / bf16 inputs still run on tensor cores.
 
 Layout: the launchers pass the batch / sequence / head strides of every tensor, so inputs may be
 non-contiguous; a tensor whose last dim is not unit-stride is copied (``.contiguous()``) first. Outputs are
-contiguous. Grid axis 1 is ``B * Hq`` (``B * Hkv`` for dk/dv), so those products must stay below 65536 on a GPU.
+contiguous.
+
+Grid limits: CUDA allows ``MAX_GRID`` programs per grid axis (2^31 - 1 along axis 0, 65535 along axes 1 and 2), and
+axis 1 carries ``B * Hq`` (``B * Hkv`` for dk/dv; 256 prompts x 8 samples x 32 heads = 65536 already exceeds it).
+Every launch goes through `_launch`, which cuts a grid exceeding a limit into launches that fit and passes each
+launch's program-id offsets (``base0, base1, base2``) to the kernel, which adds them to ``tl.program_id`` through
+`_program_id`. Programs are independent, so a split launch writes the bits of an unsplit one. Offsets into tensors
+are int64 wherever a product of sizes can pass 2^31 (batch / head / row bases, slot rows, use rows); in-tile
+offsets (row < BLOCK times a sequence stride) stay int32.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -30,11 +39,37 @@ from .prefix_attention_ref import slot_use_lists
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
+# Programs per launch along grid axes 0, 1, 2 (CUDA's limits). `_launch` reads it at every call: tests lower it to
+# split small launches under the interpreter.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
 
 def is_available() -> bool:
     """True when the kernels can run: a CUDA device, or the Triton interpreter (``TRITON_INTERPRET=1``)."""
     interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     return interpreting or torch.cuda.is_available()
+
+
+def _grid_chunks(grid: tuple) -> list:
+    """The launches covering ``grid`` with at most ``MAX_GRID[a]`` programs along each axis ``a``: a list of
+    (offsets, chunk grid), each program of ``grid`` in exactly one chunk; empty when an axis is 0."""
+    per_axis = [[(start, min(limit, size - start)) for start in range(0, size, limit)]
+                for size, limit in zip(grid, MAX_GRID)]
+    return [tuple(zip(*parts)) for parts in itertools.product(*per_axis)]
+
+
+def _launch(kernel, grid: tuple, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, split by `_grid_chunks`; the kernel takes one runtime argument
+    ``base<a>`` per grid axis ``a`` (that launch's program-id offset, read through `_program_id`)."""
+    for offsets, chunk in _grid_chunks(grid):
+        kernel[chunk](*args, **meta, **{f"base{axis}": offset for axis, offset in enumerate(offsets)})
+
+
+@triton.jit
+def _program_id(axis: tl.constexpr, base):
+    """This program's index along grid ``axis`` in the whole (unsplit) grid: ``base`` is the offset `_launch`
+    gave this launch along that axis."""
+    return base + tl.program_id(axis)
 
 
 @triton.jit
@@ -129,16 +164,17 @@ def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_pks, stride_pkt, stride_pkh,
                      stride_pvs, stride_pvt, stride_pvh, stride_ob, stride_ot, stride_oh,
-                     sm_scale, Tq, Tk, M, HQ, GROUP,
+                     sm_scale, Tq, Tk, M, HQ, GROUP, base0, base1,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out ``[B, Tq, HQ, D]`` and LSE ``[B, HQ, Tq]`` (fp32, natural log) for one query block of one (b, h).
 
-    Grid ``(cdiv(Tq, BLOCK_M), B * HQ)``. Q ``[B, Tq, HQ, D]``, K/V ``[B, Tk, HKV, D]``, PK/PV (the pool)
-    ``[S, P, HKV, D]``, Index ``[B, M]``, Lens ``[S]``, KeyStart ``[B]`` (int32, contiguous).
+    Grid ``(cdiv(Tq, BLOCK_M), B * HQ)`` through `_launch` (base0, base1: program-id offsets).
+    Q ``[B, Tq, HQ, D]``, K/V ``[B, Tk, HKV, D]``, PK/PV (the pool) ``[S, P, HKV, D]``, Index ``[B, M]``,
+    Lens ``[S]``, KeyStart ``[B]`` (int32, contiguous).
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    start_m = _program_id(0, base0) * BLOCK_M
+    off_bh = _program_id(1, base1)
     b = off_bh // HQ
     h = off_bh % HQ
     b64 = tl.cast(b, tl.int64)
@@ -192,13 +228,14 @@ def _prefix_attn_fwd(Q, K, V, PK, PV, Index, Lens, KeyStart, Out, LSE,
 
 @triton.jit
 def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-                         Tq, HQ, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         Tq, HQ, base0, base1, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     """Delta ``[B, HQ, Tq]`` fp32 = rowsum(dO * O) for one query block of one (b, h).
 
-    Grid ``(cdiv(Tq, BLOCK_M), B * HQ)``; O, DO ``[B, Tq, HQ, D]``.
+    Grid ``(cdiv(Tq, BLOCK_M), B * HQ)`` through `_launch`; O, DO ``[B, Tq, HQ, D]``.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    start_m = _program_id(0, base0) * BLOCK_M
+    off_bh = _program_id(1, base1)
     b64 = tl.cast(off_bh // HQ, tl.int64)
     h64 = tl.cast(off_bh % HQ, tl.int64)
     m64 = tl.cast(start_m, tl.int64)
@@ -257,15 +294,16 @@ def _prefix_attn_bwd_dq(Q, K, V, PK, PV, Index, Lens, KeyStart, DO, LSE, Delta, 
                         stride_vb, stride_vt, stride_vh, stride_pks, stride_pkt, stride_pkh,
                         stride_pvs, stride_pvt, stride_pvh, stride_dob, stride_dot, stride_doh,
                         stride_dqb, stride_dqt, stride_dqh,
-                        sm_scale, Tq, Tk, M, HQ, GROUP,
+                        sm_scale, Tq, Tk, M, HQ, GROUP, base0, base1,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """DQ ``[B, Tq, HQ, D]`` for one query block of one (b, h): slots in order, then the own keys.
 
-    Grid ``(cdiv(Tq, BLOCK_M), B * HQ)``; operands as in `_prefix_attn_fwd`, DO like Q, LSE/Delta ``[B, HQ, Tq]``.
+    Grid ``(cdiv(Tq, BLOCK_M), B * HQ)`` through `_launch`; operands as in `_prefix_attn_fwd`, DO like Q,
+    LSE/Delta ``[B, HQ, Tq]``.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    start_m = _program_id(0, base0) * BLOCK_M
+    off_bh = _program_id(1, base1)
     b = off_bh // HQ
     h = off_bh % HQ
     b64 = tl.cast(b, tl.int64)
@@ -365,7 +403,7 @@ def _prefix_attn_bwd_dkdv(Q, DO, LSE, Delta, K, V, Index, Lens, KeyStart, DK, DV
                           stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                           stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                          sm_scale, Tq, Tk, N, M, HKV, GROUP,
+                          sm_scale, Tq, Tk, N, M, HKV, GROUP, base0, base1, base2,
                           PREFIX: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
@@ -375,14 +413,14 @@ def _prefix_attn_bwd_dkdv(Q, DO, LSE, Delta, K, V, Index, Lens, KeyStart, DK, DV
     writes DK/DV ``[B, Tk, HKV, D]``. PREFIX: grid ``(cdiv(P, BLOCK_N), B * HKV, M)``, K/V the pool
     ``[S, P, HKV, D]``, N = P; program ``(., ., m)`` handles use ``(b, m)`` and writes the fp32 partials
     DK/DV ``[B * M, P, HKV, D]`` (zeros for an unused entry and past ``lens[slot]``), no causal mask.
-    Q, DO ``[B, Tq, HQ, D]``; LSE, Delta ``[B, HQ, Tq]`` fp32.
+    Q, DO ``[B, Tq, HQ, D]``; LSE, Delta ``[B, HQ, Tq]`` fp32. Grids go through `_launch` (base0..2: offsets).
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+    start_n = _program_id(0, base0) * BLOCK_N
+    off_bh = _program_id(1, base1)
     b = off_bh // HKV
     hk = off_bh % HKV
     if PREFIX:
-        use = b * M + tl.program_id(2)
+        use = tl.cast(b, tl.int64) * M + _program_id(2, base2)
         slot = tl.load(Index + use)
         kv_row = tl.maximum(slot, 0)
         key_lo = 0
@@ -444,13 +482,14 @@ def _prefix_attn_bwd_dkdv(Q, DO, LSE, Delta, K, V, Index, Lens, KeyStart, DK, DV
 
 
 @triton.jit
-def _sum_slot_partials(Partial, Offsets, Uses, Out, use_numel, BLOCK: tl.constexpr):
+def _sum_slot_partials(Partial, Offsets, Uses, Out, use_numel, base0, base1, BLOCK: tl.constexpr):
     """Out[s] = sum of Partial[u] over slot s's uses u (CSR Offsets / Uses), in order, fp32, cast on store.
 
-    Grid ``(S, cdiv(use_numel, BLOCK))``; Partial ``[B * M, use_numel]`` fp32, Out ``[S, use_numel]``.
+    Grid ``(S, cdiv(use_numel, BLOCK))`` through `_launch`; Partial ``[B * M, use_numel]`` fp32,
+    Out ``[S, use_numel]``.
     """
-    slot = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slot = _program_id(0, base0)
+    offs = tl.cast(_program_id(1, base1), tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < use_numel
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for e in range(tl.load(Offsets + slot), tl.load(Offsets + slot + 1)):
@@ -465,8 +504,8 @@ def _sum_into_slots(partial: torch.Tensor, offsets: torch.Tensor, uses: torch.Te
     out = torch.empty((num_slots, *partial.shape[2:]), dtype=dtype, device=partial.device)
     use_numel = out[0].numel()
     block = 1024
-    _sum_slot_partials[(num_slots, triton.cdiv(use_numel, block))](partial, offsets, uses, out, use_numel,
-                                                                   BLOCK=block)
+    _launch(_sum_slot_partials, (num_slots, triton.cdiv(use_numel, block)), partial, offsets, uses, out, use_numel,
+            BLOCK=block)
     return out
 
 
@@ -520,10 +559,10 @@ def forward(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal: bool, s
     out = torch.empty((batch, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * q_heads)
-    _prefix_attn_fwd[grid](q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse,
-                           *_strides(q), *_strides(k), *_strides(v), *_strides(prefix_k), *_strides(prefix_v),
-                           *_strides(out), softmax_scale, q_len, k_len, index.shape[1], q_heads,
-                           q_heads // kv_heads, CAUSAL=causal, **cfg)
+    _launch(_prefix_attn_fwd, grid, q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(prefix_k), *_strides(prefix_v),
+            *_strides(out), softmax_scale, q_len, k_len, index.shape[1], q_heads,
+            q_heads // kv_heads, CAUSAL=causal, **cfg)
     return out, lse
 
 
@@ -547,29 +586,30 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out,
     q_grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * q_heads)
 
     delta = torch.empty_like(lse)
-    _attn_bwd_preprocess[q_grid](out, grad_out, delta, *_strides(out), *_strides(grad_out), q_len, q_heads, **tiles)
+    _launch(_attn_bwd_preprocess, q_grid, out, grad_out, delta, *_strides(out), *_strides(grad_out), q_len, q_heads,
+            **tiles)
 
     dq = torch.empty((batch, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    _prefix_attn_bwd_dq[q_grid](q, k, v, prefix_k, prefix_v, index, lens, key_start, grad_out, lse, delta, dq,
-                                *_strides(q), *_strides(k), *_strides(v), *_strides(prefix_k), *_strides(prefix_v),
-                                *_strides(grad_out), *_strides(dq), softmax_scale, q_len, k_len, uses, q_heads, group,
-                                CAUSAL=causal, **cfg)
+    _launch(_prefix_attn_bwd_dq, q_grid, q, k, v, prefix_k, prefix_v, index, lens, key_start, grad_out, lse, delta,
+            dq, *_strides(q), *_strides(k), *_strides(v), *_strides(prefix_k), *_strides(prefix_v),
+            *_strides(grad_out), *_strides(dq), softmax_scale, q_len, k_len, uses, q_heads, group,
+            CAUSAL=causal, **cfg)
 
     dk = torch.empty((batch, k_len, kv_heads, head_dim), dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
-    _prefix_attn_bwd_dkdv[(triton.cdiv(k_len, cfg["BLOCK_N"]), batch * kv_heads, 1)](
-        q, grad_out, lse, delta, k, v, index, lens, key_start, dk, dv,
-        *_strides(q), *_strides(grad_out), *_strides(k), *_strides(v), *_strides(dk), *_strides(dv),
-        softmax_scale, q_len, k_len, k_len, uses, kv_heads, group, PREFIX=False, CAUSAL=causal, **cfg)
+    _launch(_prefix_attn_bwd_dkdv, (triton.cdiv(k_len, cfg["BLOCK_N"]), batch * kv_heads, 1),
+            q, grad_out, lse, delta, k, v, index, lens, key_start, dk, dv,
+            *_strides(q), *_strides(grad_out), *_strides(k), *_strides(v), *_strides(dk), *_strides(dv),
+            softmax_scale, q_len, k_len, k_len, uses, kv_heads, group, PREFIX=False, CAUSAL=causal, **cfg)
 
     dpk_use = torch.empty((batch, uses, prefix_len, kv_heads, head_dim), dtype=torch.float32, device=q.device)
     dpv_use = torch.empty_like(dpk_use)
     if uses * prefix_len > 0:
-        _prefix_attn_bwd_dkdv[(triton.cdiv(prefix_len, cfg["BLOCK_N"]), batch * kv_heads, uses)](
-            q, grad_out, lse, delta, prefix_k, prefix_v, index, lens, key_start, dpk_use, dpv_use,
-            *_strides(q), *_strides(grad_out), *_strides(prefix_k), *_strides(prefix_v),
-            *_strides(dpk_use), *_strides(dpv_use),
-            softmax_scale, q_len, k_len, prefix_len, uses, kv_heads, group, PREFIX=True, CAUSAL=False, **cfg)
+        _launch(_prefix_attn_bwd_dkdv, (triton.cdiv(prefix_len, cfg["BLOCK_N"]), batch * kv_heads, uses),
+                q, grad_out, lse, delta, prefix_k, prefix_v, index, lens, key_start, dpk_use, dpv_use,
+                *_strides(q), *_strides(grad_out), *_strides(prefix_k), *_strides(prefix_v),
+                *_strides(dpk_use), *_strides(dpv_use),
+                softmax_scale, q_len, k_len, prefix_len, uses, kv_heads, group, PREFIX=True, CAUSAL=False, **cfg)
     offsets, slot_uses = slot_use_lists(index, num_slots)
     dprefix_k = _sum_into_slots(dpk_use, offsets, slot_uses, num_slots, prefix_k.dtype)
     dprefix_v = _sum_into_slots(dpv_use, offsets, slot_uses, num_slots, prefix_v.dtype)

@@ -6,6 +6,8 @@ prefix_attention_cuda.cu. A module-scoped fixture builds it with g++ into pytest
 fixture swaps its forward/backward in for fastmem._native's CPU entry points, so
 ``fastmem.prefix_attention(..., backend="native")`` on CPU tensors runs the emulated CUDA kernels.
 This checks the kernels' indexing, tiling, masking, barriers and reductions, not nvcc's code generation.
+It also runs the grid split of csrc/launch_grid.h (every launch cut to the CUDA grid limits) with the limits
+lowered to one block, against the uncut launches.
 
 The accuracy rule and inputs are those of test_prefix_attention.py. Besides its CASES (head dims 64,
 128 and 40: -1 entries, lens 0, duplicate slots, key_start, causal off), two local cases cross the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import shutil
 import subprocess
 import sys
@@ -259,3 +262,52 @@ def test_emulated_kernels_honour_strides(case, emulated):
     assert torch.equal(out_a, out_b)
     for name, a, b in zip(tensors, grads_a, grads_b):
         assert torch.equal(a, b), f"d{name} depends on the input strides"
+
+
+@pytest.mark.parametrize("grid, limits", [((7, 2), (3, 1)), ((5, 5), (5, 2)), ((1, 1), (1, 1)), ((4, 0), (2, 2)),
+                                          ((2**31 + 5, 1), (2**31 - 1, 65535))])
+def test_grid_chunks_cover_the_grid_once(emulator, grid, limits):
+    """for_each_grid_chunk (launch_grid.h, the split every CUDA launch goes through) cuts a grid into pieces
+    within the limits that hold every block exactly once."""
+    chunks = emulator.grid_chunks(*grid, *limits)
+    assert all(0 < nx <= limits[0] and 0 < ny <= limits[1] for _, _, nx, ny in chunks)
+    if grid[0] * grid[1] > 100:  # too many blocks to list: pieces tile [0, grid) along each axis
+        assert [(x0, nx) for x0, _, nx, _ in chunks] == [(0, limits[0]), (limits[0], grid[0] - limits[0])]
+        return
+    blocks = [b for x0, y0, nx, ny in chunks for b in itertools.product(range(x0, x0 + nx), range(y0, y0 + ny))]
+    assert sorted(blocks) == list(itertools.product(range(grid[0]), range(grid[1])))
+    with pytest.raises(ValueError):
+        emulator.grid_chunks(*grid, 0, 1)
+
+
+def test_emulated_split_launches_match_unsplit_bitwise(emulator, emulated, monkeypatch):
+    """With the grid limits lowered to 1 x 1 block, every kernel's grid runs as several launches (the reduce
+    kernel's y axis too); out and every gradient keep the bits of the uncut launches and the accuracy rule."""
+    case, dtype = EXTRA_CASES[0], torch.float32
+    tensors, extra = make_inputs(case, dtype)
+    grad_out = _grad_out(case, dtype)
+    whole_out, whole_grads = run(tensors, extra, case, "native", grad_out)
+    assert emulated.counts() == (1, 1)
+
+    launches = []
+    monkeypatch.setattr(native._native, "forward_cpu", lambda params: launches.extend(emulator.forward(params, 1, 1)))
+    monkeypatch.setattr(native._native, "backward_cpu",
+                        lambda params: launches.extend(emulator.backward(params, 1, 1)))
+    split_out, split_grads = run(tensors, extra, case, "native", grad_out)
+    per_kernel = {}
+    for name, x0, y0, nx, ny in launches:
+        assert nx == ny == 1
+        per_kernel.setdefault(name, []).append((x0, y0))
+    assert set(per_kernel) == {"forward_kernel", "delta_kernel", "dq_kernel", "dkdv_own_kernel", "dkdv_pool_kernel",
+                               "reduce_slots_kernel"}
+    assert all(len(offsets) > 1 for offsets in per_kernel.values()), per_kernel
+    assert {y0 for _, y0 in per_kernel["reduce_slots_kernel"]} == {0, 1}
+
+    assert torch.equal(split_out, whole_out)
+    for name, split, whole in zip(tensors, split_grads, whole_grads):
+        assert torch.equal(split, whole), f"d{name} changed when the launches were split"
+    ref_out, ref_grads = run({n: t.double() for n, t in tensors.items()}, extra, case, None, grad_out.double())
+    base_out, base_grads = run(tensors, extra, case, None, grad_out, upcast=False)
+    assert_within_rule("out", split_out, ref_out, base_out, 2, dtype)
+    for name, grad, ref, base in zip(tensors, split_grads, ref_grads, base_grads):
+        assert_within_rule(f"d{name}", grad, ref, base, 3, dtype)

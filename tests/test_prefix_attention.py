@@ -1,7 +1,9 @@
 """prefix_attention: every backend against an fp64 reference, plus determinism, bad input, compile."""
 from __future__ import annotations
 
+import itertools
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -274,6 +276,62 @@ def test_triton_slot_reduction_has_the_bits_of_sum_into_slots(dtype):
     offsets, uses = slot_use_lists(index.to(device), num_slots=5)
     got = _sum_into_slots(partial.to(device), offsets, uses, 5, dtype)
     assert torch.equal(got.cpu(), sum_into_slots(partial, index, num_slots=5).to(dtype))
+
+
+@pytest.mark.skipif(backends.unavailable_reason("triton") is not None, reason="needs Triton")
+def test_triton_grid_chunks_cover_the_grid_once(monkeypatch):
+    """`_grid_chunks` cuts a grid into launches within MAX_GRID that hold every program exactly once."""
+    from fastmem.kernels import prefix_attention as triton_backend
+    monkeypatch.setattr(triton_backend, "MAX_GRID", (3, 2, 4))
+    for grid in [(7, 5, 1), (3, 2, 4), (1, 9, 9), (2, 1)]:
+        seen = Counter()
+        for offsets, chunk in triton_backend._grid_chunks(grid):
+            assert len(offsets) == len(chunk) == len(grid)
+            assert all(0 < size <= limit for size, limit in zip(chunk, triton_backend.MAX_GRID))
+            seen.update(itertools.product(*(range(o, o + size) for o, size in zip(offsets, chunk))))
+        assert seen == Counter(itertools.product(*map(range, grid))), grid
+    assert triton_backend._grid_chunks((0, 4, 1)) == []
+
+
+# Grids of every Triton launch (fp32 tiles: BLOCK_M = BLOCK_N = 32): forward / delta / dq (2, 4), own dk/dv
+# (2, 2, 1), pool dk/dv (2, 2, 2), slot sums (2, 2); with MAX_GRID (1, 1, 1) every launch runs one program at a time.
+SPLIT_GRID = Case("split_grid_gqa2_d32", 2, 40, 50, 2, 1, 32, 2, 40, ((0, 1), (1, -1)), lens=(40, 7),
+                  key_start=(0, 5))
+
+
+@pytest.mark.skipif(backends.unavailable_reason("triton") is not None, reason="needs Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_split_launches_match_unsplit_bitwise(dtype, monkeypatch):
+    """With the grid limits lowered, every launch (forward, delta, dq, own and pool dk/dv, slot sums) is cut
+    into several along each axis, and the results keep every bit of the unsplit launches (and the accuracy
+    rule against the fp64 reference)."""
+    from fastmem.kernels import prefix_attention as triton_backend
+    case = SPLIT_GRID
+    tensors, extra = make_inputs(case, dtype)
+    grad_out = torch.randn(case.batch, case.q_len, case.q_heads, case.head_dim,
+                           generator=torch.Generator().manual_seed(1)).to(dtype)
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    on_device = {n: t.to(device) for n, t in tensors.items()}
+    extra_device = {n: None if t is None else t.to(device) for n, t in extra.items()}
+    whole_out, whole_grads = run(on_device, extra_device, case, "triton", grad_out.to(device))
+
+    grids = []
+    chunks = triton_backend._grid_chunks
+    monkeypatch.setattr(triton_backend, "MAX_GRID", (1, 1, 1))
+    monkeypatch.setattr(triton_backend, "_grid_chunks", lambda grid: grids.append(grid) or chunks(grid))
+    split_out, split_grads = run(on_device, extra_device, case, "triton", grad_out.to(device))
+    assert len(grids) == 7  # forward, delta, dq, own dk/dv, pool dk/dv, two slot sums
+    for axis, limit in enumerate(triton_backend.MAX_GRID):
+        assert any(len(grid) > axis and grid[axis] > limit for grid in grids), f"axis {axis} never split"
+
+    assert torch.equal(split_out, whole_out)
+    for name, split, whole in zip(tensors, split_grads, whole_grads):
+        assert torch.equal(split, whole), f"d{name} changed when the launches were split"
+    ref_out, ref_grads = run({n: t.double() for n, t in tensors.items()}, extra, case, None, grad_out.double())
+    base_out, base_grads = run(tensors, extra, case, None, grad_out, upcast=False)
+    assert_within_rule("out", split_out.cpu(), ref_out, base_out, 2, dtype)
+    for name, grad, ref, base in zip(tensors, split_grads, ref_grads, base_grads):
+        assert_within_rule(f"d{name}", grad.cpu(), ref, base, 3, dtype)
 
 
 def test_fully_masked_query_is_zero_with_zero_gradient():
