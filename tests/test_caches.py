@@ -149,6 +149,33 @@ def test_quantized_fp8_cache_refused_with_memory_and_unchanged_without():
     assert "Fp8QuantizedLayer" in REFUSED_CACHE_LAYERS
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_quanto_quantized_cache_rows_equal_rows_alone(kind):
+    """2-bit group-wise quanto cache (residual 1): quantization moves the logits by ~2e-2, yet each row of a batch
+    with memory equals the row alone under the same cache (groups never span rows), and no memory = unpatched."""
+    pytest.importorskip("optimum.quanto")
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY), attn_implementation="sdpa").eval()
+    ids, mask, _, rows = make_batch([3, 2])
+    settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+                    return_dict_in_generate=True, cache_implementation="quantized",
+                    cache_config={"backend": "quanto", "nbits": 2, "residual_length": 1, "q_group_size": 16})
+    expected = plain.generate(input_ids=ids, attention_mask=mask, **settings).sequences
+    model = patch(plain)
+    bank = bank_for(model, kind)
+    with inject(model, bank, torch.tensor([-1, -1])):
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings).sequences, expected)
+    index = torch.tensor([0, 2])
+    with inject(model, bank, index):
+        batch = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    for b, row in enumerate(rows):
+        with inject(model, bank, index[b:b + 1]):
+            alone = model.generate(input_ids=row[None], attention_mask=torch.ones_like(row[None]), **settings)
+        assert torch.equal(batch.sequences[b, ids.shape[1]:], alone.sequences[0, len(row):])
+        for step, (scores, alone_scores) in enumerate(zip(batch.scores, alone.scores)):
+            assert max_diff(scores[b], alone_scores[0]) < ATOL, f"row {b} step {step}"
+
+
 def test_unknown_cache_layer_is_refused_by_name_before_any_compute():
     class ChunkedLayer(transformers.cache_utils.DynamicLayer):
         pass
