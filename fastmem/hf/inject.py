@@ -514,10 +514,16 @@ def inject(model, memory: MemorySource, index: Tensor, *, expand: int = 1):
     returns ``[B, P + T, V]``, virtual positions first); at left-padding positions its values are
     unspecified. ``out.loss`` equals PEFT's: for soft prompts it also counts predicting each row's first
     real token from the last memory position; see `_Injection.loss`. Explicit ``position_ids`` are
-    taken as positions without memory and shifted by the row's memory length. Without autograd (as in
-    ``generate``) a soft-prompt bank is run once per block while the bank is unchanged. Checks (before computing
-    anything): model patched, index integer and in range, memory made for this model and finite; the
-    batch size is checked at each forward.
+    taken as positions without memory and shifted by the row's memory length; without them, each row's
+    real tokens are numbered from 0 after its left padding, as ``generate`` numbers them (a plain
+    transformers forward numbers the columns, padding included, so a left-padded row without memory and
+    without ``position_ids`` differs from the unpatched forward there, and equals itself run alone).
+    Rows without memory run the model's own attention with the mask and cache it hands the layer.
+    The cache may come as ``cache=`` or ``past_key_values=``; which caches and rotary embeddings are
+    handled and which are refused (before any compute) is tabled in `fastmem.hf.support`.
+    Without autograd (as in ``generate``) a soft-prompt bank is run once per block while the bank is
+    unchanged. Checks (before computing anything): model patched, index integer and in range, memory made
+    for this model and finite; the batch size, the cache and the rotary positions are checked at each forward.
     """
     check_patched(model)
     if model in _INJECTING:
