@@ -9,8 +9,10 @@ The layers, from the bottom:
 - `Memory`: a pool plus, for one batch, which slots each row reads (``index [B, M]``, ``-1`` = none)
   and, for soft prompts, the logits of the last memory position (they predict the first real token).
 - `InjectionContext`: what the attention function receives at every layer through the ``fastmem``
-  forward keyword: the memory and ``key_start [B]`` (left padding). Its `attend` calls
-  `fastmem.prefix_attention` on that layer's pool.
+  forward keyword: the memory and which rows have any. Its `attend` reads the layout of the layer's own
+  keys off the mask that layer is handed (`key_layout`: how many keys hold tokens, each row's padding),
+  so any cache and either cache keyword work; it calls `fastmem.prefix_attention` on that layer's pool
+  for rows with memory and the model's own attention for rows without.
 - `inject(model, source, index)`: a context manager whose forward hooks turn ``source`` (anything with
   ``num_slots``, ``validate(model)``, ``version()`` and ``memory_for(model, index)``: a `MemoryBank` or
   a `KVPool`) into an `InjectionContext` per forward, shift positions by each row's memory length,
