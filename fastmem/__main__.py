@@ -20,6 +20,42 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def tested_transformers() -> tuple[str, tuple[str, ...]]:
+    """(MIN_TRANSFORMERS, TESTED_TRANSFORMERS) of fastmem/hf/architectures.py, the one place they are kept.
+
+    Read from its source, not imported: importing fastmem.hf imports transformers, which takes seconds.
+    """
+    import ast
+    from pathlib import Path
+
+    source = Path(fastmem.__file__).resolve().parent / "hf" / "architectures.py"
+    found = {}
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("MIN_TRANSFORMERS", "TESTED_TRANSFORMERS"):
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+    return found["MIN_TRANSFORMERS"], tuple(found["TESTED_TRANSFORMERS"])
+
+
+def transformers_support(installed: str) -> tuple[str, str | None]:
+    """The tested-range line for `info`, and a one-line warning when ``installed`` is outside it."""
+    from packaging.version import InvalidVersion, Version
+
+    minimum, tested = tested_transformers()
+    newest = max(tested, key=Version)
+    line = f"transformers supported: >= {minimum}; tested with {', '.join(sorted(tested, key=Version))}"
+    try:
+        version = Version(installed)
+    except InvalidVersion:
+        return line, None
+    if version > Version(newest):
+        return line, (f"WARNING: transformers {installed} is newer than the newest tested ({newest}); fastmem "
+                      f"may misbehave with it: pip install \"transformers=={newest}\" for a tested one")
+    if version < Version(minimum):
+        return line, f"WARNING: transformers {installed} is older than the minimum fastmem supports ({minimum})"
+    return line, None
+
+
 def info() -> None:
     """Print versions, backend availability and what `auto` picks per device."""
     cuda = torch.version.cuda or "none"
@@ -27,6 +63,10 @@ def info() -> None:
           f"(CUDA {cuda}, GPU {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})")
     for package in ("triton", "transformers", "peft", "safetensors", "math-verify", "flash-attn"):
         print(f"  {package:<13} {_version(package)}")
+    tested_line, warning = transformers_support(_version("transformers"))
+    print(tested_line)
+    if warning:
+        print(warning)
     print("prefix_attention backends:")
     for name in backends.BACKEND_MODULES:
         reason = backends.unavailable_reason(name)

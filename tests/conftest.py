@@ -9,6 +9,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The Hugging Face-facing test modules: the ones that build or drive transformers / PEFT models, so a
+# new transformers or PEFT release can break them. Their tests carry the `hf` marker (added below);
+# `.ci/run` (after upgrading transformers and peft) and `scripts/compat.sh` select them with `-m hf`.
+# tests/test_install.py checks that every test module importing transformers or peft, or importing
+# from one of these, is listed here.
+HF_FACING_MODULES = frozenset({
+    "test_patch.py",     # patch / inject on every architecture, against PEFT and unpatched models
+    "test_caches.py",    # every cache class and cache keyword generate hands a layer, RoPE scalings
+    "test_sampling.py",  # shared-prefix sampling on patched models (uses test_patch's models)
+    "test_training.py",  # per-memory training on patched models (uses test_patch's models)
+    "test_learner.py",   # the online learner and `python -m fastmem run` on a tiny Llama
+    "test_builtin.py",   # the shipped model and tokenizer, loaded through transformers
+    "test_bench.py",     # the HF + PEFT baselines the benchmarks compare against
+})
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "hf: Hugging Face-facing test (tests/conftest.py HF_FACING_MODULES)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in HF_FACING_MODULES:
+            item.add_marker(pytest.mark.hf)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
