@@ -62,6 +62,7 @@ for version in "${versions[@]}"; do
     fi
     installed() { "${venv}/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))"; }
     transformers=$(installed transformers)
+    if [[ "${version}" == newest ]]; then transformers="${transformers} (newest)"; fi
     peft=$(installed peft)
     "${venv}/bin/python" -m pytest -q -n "${JOBS}" -m hf -p no:cacheprovider -rfE \
         --junitxml="${log}-junit.xml" tests > "${log}-pytest.log" 2>&1 || status=1
