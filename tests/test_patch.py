@@ -20,7 +20,8 @@ from fastmem.hf import ARCHITECTURES, KVPool
 ATOL = 2e-5
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-EXTRA = {"qwen3": {"head_dim": 16}, "gemma": {"head_dim": 16}}
+EXTRA = {"qwen3": {"head_dim": 16}, "gemma": {"head_dim": 16},
+         "gemma3_text": {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}}
 KINDS = {"soft_prompt": (MemoryBank.soft_prompts, PromptTuningConfig),
          "prefix": (MemoryBank.prefixes, PrefixTuningConfig)}
 ARCHS = sorted(ARCHITECTURES)

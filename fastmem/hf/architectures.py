@@ -14,6 +14,9 @@ Shapes are read from the config the same way for every row (`model_shape`).
 |            |                | scaled too), inside the embedding module on 5.x (soft prompts unscaled); soft   |
 |            |                | prompts enter as `inputs_embeds` exactly like PEFT's, so both versions match it |
 | phi3       | Phi-3          | fused qkv projection; sliding window (`config.sliding_window`)                 |
+| gemma3_text| Gemma 3 (text) | local (sliding) and global layers by `config.layer_types`, one RoPE base per   |
+|            |                | layer type; q/k RMSNorm; scaling from `query_pre_attn_scalar`; embeddings      |
+|            |                | scaled inside the embedding module (soft prompts unscaled, as PEFT's)          |
 
 transformers >= 4.56 (`MIN_TRANSFORMERS`; tested with `TESTED_TRANSFORMERS`, PEFT 0.21.2, by
 `scripts/compat.sh`). Caches and rotary embeddings a forward may hand fastmem: `fastmem.hf.support`.
@@ -48,6 +51,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture("Qwen3", "explicit head_dim; q/k norms before RoPE"),
     "gemma": Architecture("Gemma", "sqrt(hidden) embedding scale; soft prompts get it exactly when PEFT's do"),
     "phi3": Architecture("Phi-3", "fused qkv projection; sliding window"),
+    "gemma3_text": Architecture("Gemma 3", "local/global layers by layer_types, RoPE per layer type; "
+                                           "query_pre_attn_scalar scaling"),
 }
 
 
