@@ -237,6 +237,7 @@ setup(
         "transformers>=4.56",
         "peft",
         "math-verify",
+        "datasets",  # --data: JSONL, JSON, CSV and Parquet through its local loaders
         "tqdm",
         "rich",
         "triton; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",

@@ -94,6 +94,9 @@ _LAZY_EXPORTS = {
     "MemoryTrainer": "fastmem.training",
     "MemoryStore": "fastmem.store",
     "OnlineLearner": "fastmem.learner",
+    "load_model": "fastmem.models",
+    "save_model": "fastmem.models",
+    "PromptFormat": "fastmem.prompting",
 }
 
 __all__ = ["prefix_attention", "__version__", *_LAZY_EXPORTS]

@@ -20,38 +20,170 @@ SUMMARY_ROWS = ("zero-shot pass@1", "greedy", "maj@N", "raw-trace ICL pass@1",
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a local Hugging Face causal LM directory (default: the shipped tiny Llama)")
-    parser.add_argument("--data", help='JSONL, one {"question", "answer"?} per line (default: the built-in stream)')
-    parser.add_argument("--seed", type=int, default=0, help="built-in stream and sampling seed")
-    parser.add_argument("--limit", type=int, default=200, help="problems to solve (default 200)")
+    """The run command's options. Each value is checked as it is parsed, or by `check_run_args` (options
+    that depend on each other, files, the model spec), all before any model loads; a bad one is a one-line
+    error naming its option. ``--help`` shows every default."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    _one_line_errors(parser)
     learner = _learner_defaults()
-    parser.add_argument("--n", type=int, default=learner["n"], help="samples per problem")
-    parser.add_argument("--steps", type=int, default=learner["steps"], help="Adam steps per batch")
-    parser.add_argument("--kind", choices=("soft_prompt", "prefix"), default=learner["kind"], help="memory kind")
-    parser.add_argument("--memory", choices=("problem", "cluster"), default=learner["memory"])
-    parser.add_argument("--batch-size", type=int, default=learner["batch_size"])
-    parser.add_argument("--lr", type=float, default=learner["lr"])
-    parser.add_argument("--length", type=int, default=learner["length"], help="memory positions per slot")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=learner["gate"],
-                        help="use a retrieved memory only while its samples agree with the vote at least as "
-                             "often as the control samples do")
-    parser.add_argument("--control", type=int, default=learner["control"],
-                        help="samples per problem drawn without memory")
-    parser.add_argument("--gate-trials", type=int, default=learner["gate_trials"], help="uses before the gate may close")
-    parser.add_argument("--cluster-similarity", type=float, default=learner["cluster_similarity"],
-                        help="cosine similarity to join a cluster (memory=cluster)")
-    parser.add_argument("--min-share", type=float, default=learner["min_share"],
-                        help="train only on problems whose majority holds at least this share of the samples")
-    parser.add_argument("--replay", type=int, default=learner["replay"],
-                        help="past problems per cluster trained on again at every step (memory=cluster)")
-    parser.add_argument("--consolidate-every", type=int, default=learner["consolidate_every"],
-                        help="merge near-duplicate store entries every this many batches (0: never)")
-    parser.add_argument("--consolidate-threshold", type=float, default=learner["consolidate_threshold"])
-    parser.add_argument("--store", help="persist the memory store in this directory")
-    parser.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
-    parser.add_argument("--out", help="results JSONL, one line per problem")
-    parser.add_argument("--no-baselines", action="store_true", help="skip the comparison table")
+    from fastmem.data.files import BUILTIN
+    from fastmem.models import DTYPES
+    from fastmem.prompting import CHAT_PROMPT, CHAT_TEMPLATE_CHOICES
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="a Hugging Face model folder, a .gguf file, a folder holding one .gguf, or a "
+                                       "hub id already in the local cache (never downloaded); none: the shipped "
+                                       "tiny Llama")
+    model.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype (auto: the "
+                                                                                 "checkpoint's own)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="a .jsonl, .json, .csv or .parquet file, or a built-in stream: "
+                                     + "; ".join(f"{name}: {what}" for name, what in BUILTIN.items())
+                                     + " (none: synthetic)")
+    data.add_argument("--question-field", default="question", help="the data's question column")
+    data.add_argument("--answer-field", default="answer",
+                      help="the data's reference column (a bare answer, a GSM8K '#### N' solution or a MATH "
+                           "\\boxed{} solution), used only to report accuracy; absent: no accuracy")
+    data.add_argument("--seed", type=int, default=0, help="built-in stream and sampling seed")
+    data.add_argument("--limit", type=_positive(int), default=200, help="problems to solve")
+    prompt = parser.add_argument_group("prompt")
+    prompt.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
+                        help="apply the tokenizer's chat template (auto: when it has one)")
+    prompt.add_argument("--system", help="system message (none: the chat template's default)")
+    prompt.add_argument("--prompt", type=_prompt_template,
+                        help="the user turn, holding {question} (none: %r with a chat template, the bare "
+                             "question without)" % CHAT_PROMPT)
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--n", type=_positive(int), default=learner["n"], help="samples per problem")
+    sampling.add_argument("--temperature", type=_at_least(0.0), default=learner["temperature"],
+                          help="sampling temperature (0: greedy)")
+    sampling.add_argument("--top-p", type=_in_range(0.0, 1.0, low_open=True), default=learner["top_p"],
+                          help="nucleus sampling mass (1: off)")
+    sampling.add_argument("--top-k", type=_at_least(0, int), default=learner["sample_top_k"],
+                          help="sample among the k most likely tokens (0: off)")
+    sampling.add_argument("--min-p", type=_in_range(0.0, 1.0, high_open=True), default=learner["min_p"],
+                          help="drop tokens less likely than min-p times the most likely one (0: off)")
+    sampling.add_argument("--stop", action="append", type=_non_empty, default=None,
+                          help="a string that ends a sample (repeat for several); none: eos and the length "
+                               "limit only")
+    sampling.add_argument("--max-new-tokens", type=_positive(int), default=learner["max_new_tokens"],
+                          help="tokens per sample at most")
+    learning = parser.add_argument_group("learning")
+    learning.add_argument("--steps", type=_at_least(0, int), default=learner["steps"], help="Adam steps per batch")
+    learning.add_argument("--kind", choices=("soft_prompt", "prefix"), default=learner["kind"], help="memory kind")
+    learning.add_argument("--memory", choices=("problem", "cluster"), default=learner["memory"],
+                          help="one memory per problem, or per cluster of similar problems")
+    learning.add_argument("--batch-size", type=_positive(int), default=learner["batch_size"],
+                          help="problems per batch")
+    learning.add_argument("--lr", type=_positive(float), default=learner["lr"], help="Adam learning rate")
+    learning.add_argument("--length", type=_positive(int), default=learner["length"],
+                          help="memory positions per slot")
+    learning.add_argument("--gate", action=argparse.BooleanOptionalAction, default=learner["gate"],
+                          help="use a retrieved memory only while its samples agree with the vote at least as "
+                               "often as the control samples do")
+    learning.add_argument("--control", type=_at_least(0, int), default=learner["control"],
+                          help="samples per problem drawn without memory (less than --n)")
+    learning.add_argument("--gate-trials", type=_at_least(0, int), default=learner["gate_trials"],
+                          help="uses before the gate may close")
+    learning.add_argument("--cluster-similarity", type=_in_range(-1.0, 1.0), default=learner["cluster_similarity"],
+                          help="cosine similarity to join a cluster (memory=cluster)")
+    learning.add_argument("--min-share", type=_in_range(0.0, 1.0), default=learner["min_share"],
+                          help="train only on problems whose majority holds at least this share of the samples")
+    learning.add_argument("--replay", type=_at_least(0, int), default=learner["replay"],
+                          help="past problems per cluster trained on again at every step (memory=cluster)")
+    learning.add_argument("--consolidate-every", type=_at_least(0, int), default=learner["consolidate_every"],
+                          help="merge near-duplicate store entries every this many batches (0: never)")
+    learning.add_argument("--consolidate-threshold", type=_in_range(-1.0, 1.0),
+                          default=learner["consolidate_threshold"],
+                          help="cosine similarity above which store entries are merged")
+    output = parser.add_argument_group("output")
+    output.add_argument("--store", help="persist the memory store in this directory")
+    output.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
+    output.add_argument("--out", help="results JSONL, one line per problem")
+    output.add_argument("--no-baselines", action="store_true", help="skip the comparison table")
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse's errors without the usage block: ``fastmem run: error: argument --n: ...``."""
+    def error(message: str):
+        parser.exit(2, f"fastmem run: error: {message}\n")
+
+    parser.error = error
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; got {text!r}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
+    return value
+
+
+def _checked(kind, ok, wanted: str):
+    def parse(text: str):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}; got {text}")
+        return value
+
+    parse.__name__ = kind.__name__   # argparse names the type in its own messages
+    return parse
+
+
+def _positive(kind):
+    return _checked(kind, lambda value: value > 0, "> 0")
+
+
+def _at_least(low, kind=float):
+    return _checked(kind, lambda value: value >= low, f">= {low}")
+
+
+def _in_range(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    wanted = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return _checked(float, lambda value: (low < value if low_open else low <= value)
+                    and (value < high if high_open else value <= high), f"in {wanted}")
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _prompt_template(text: str) -> str:
+    from fastmem.prompting import QUESTION
+
+    if QUESTION not in text:
+        raise argparse.ArgumentTypeError(f"must hold {QUESTION}, where the question goes; got {text!r}")
+    return text
+
+
+def check_run_args(args) -> None:
+    """SystemExit (one line naming the option) for what the parser alone cannot check: options that depend on
+    each other, the data file, the model spec, dtype and device. Loads nothing."""
+    from fastmem.data.files import DataError, check_data_spec
+    from fastmem.models import ModelLoadError, resolve_device, resolve_model
+
+    if not 0 <= args.control < args.n:
+        _fail(f"--control must be less than --n (samples drawn without memory, out of n); got --control "
+              f"{args.control} with --n {args.n}")
+    checks = (("--data", lambda: check_data_spec(args.data), DataError),
+              ("--model", lambda: resolve_model(args.model), ModelLoadError),
+              ("--device", lambda: resolve_device(getattr(args, "device", "auto")), ValueError))
+    for option, check, error_type in checks:
+        try:
+            check()
+        except error_type as error:
+            _fail(f"{option}: {error}")
+    if args.resume and not (args.store or args.out):
+        _fail("--resume needs --store or --out (what to continue from)")
+
+
+def _fail(message: str):
+    raise SystemExit(f"fastmem run: error: {message}")
 
 
 def _learner_defaults() -> dict:
@@ -65,40 +197,22 @@ def _learner_defaults() -> dict:
 
 
 def read_questions(args) -> list[dict]:
-    """The problems to solve; a malformed JSONL line is an error naming it, raised before any work."""
-    if args.data is None:
-        from fastmem.data import stream
+    """The problems to solve (`fastmem.data.files.read_problems`); a bad file is a one-line error naming it,
+    raised before any work."""
+    from fastmem.data.files import DataError, read_problems
 
-        return [{"question": p["question"], "answer": p["answer"]} for p in stream(args.seed, args.limit)]
-    problems = []
-    with open(args.data) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{args.data}:{number}: not valid JSON ({error.msg})")
-            if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"]:
-                raise SystemExit(f'{args.data}:{number}: expected an object with a non-empty "question" string')
-            if "answer" in record and not isinstance(record["answer"], (str, int, float)):
-                raise SystemExit(f'{args.data}:{number}: "answer" must be a string or a number')
-            problems.append({"question": record["question"],
-                             "answer": None if record.get("answer") is None else str(record["answer"])})
-    return problems[:args.limit]
+    try:
+        return read_problems(args.data, question_field=args.question_field, answer_field=args.answer_field,
+                             limit=args.limit, seed=args.seed)
+    except DataError as error:
+        _fail(f"--data: {error}")
 
 
-def load_model(path: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def prompt_format(args):
+    """The `PromptFormat` of ``--chat-template``, ``--system`` and ``--prompt``."""
+    from fastmem.prompting import PromptFormat
 
-    if path is None:
-        from fastmem.data import load_default_model
-
-        return load_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval(), tokenizer
+    return PromptFormat(template=args.prompt, system=args.system, chat_template=args.chat_template)
 
 
 def mean_and_interval(values: list[float]) -> tuple[float, float]:
@@ -114,8 +228,10 @@ def mean_and_interval(values: list[float]) -> tuple[float, float]:
 
 def run(args) -> dict:
     from fastmem.learner import OnlineLearner
+    from fastmem.models import ModelLoadError, load_model
     from fastmem.store import MemoryStore
 
+    check_run_args(args)
     problems = read_questions(args)
     store = MemoryStore.load(args.store) if args.resume and args.store and (Path(args.store) / "store.json").exists() \
         else MemoryStore(args.store)
@@ -126,9 +242,14 @@ def run(args) -> dict:
         if not args.resume:
             out_path.write_text("")
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    except ModelLoadError as error:
+        _fail(f"--model: {error}")
     learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
                             memory=args.memory, length=args.length, lr=args.lr, batch_size=args.batch_size,
+                            temperature=args.temperature, top_p=args.top_p, sample_top_k=args.top_k,
+                            min_p=args.min_p, stop=args.stop, prompt=prompt_format(args),
                             max_new_tokens=args.max_new_tokens, seed=args.seed, gate=args.gate,
                             control=args.control, gate_trials=args.gate_trials,
                             cluster_similarity=args.cluster_similarity, min_share=args.min_share,
@@ -167,8 +288,8 @@ def run(args) -> dict:
 
 
 def _extractor(args):
-    """The built-in stream's ``=> N`` format for the built-in data, else the generic extractor."""
-    if args.data is None:
+    """The built-in synthetic stream's ``=> N`` format for it, else the generic extractor."""
+    if args.data is None or args.data == "synthetic" and not Path(args.data).exists():
         from fastmem.data import extract_answer
 
         return extract_answer
@@ -200,26 +321,21 @@ def _accuracy(answers: list[list[str | None]], problems: list[dict], equivalent)
 
 
 def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
-    """Per-problem accuracies: baselines on the same problems (same temperature and n, no memory) and
-    fastmem's own (pass@1 over the samples drawn with the learner's memories, the control samples
-    excluded; maj@N of the answers it returned)."""
-    from fastmem.sampling import sample
+    """Per-problem accuracies: baselines on the same problems (the learner's prompts, sampling settings and n,
+    no memory; greedy at temperature 0) and fastmem's own (pass@1 over the samples drawn with the learner's
+    memories, the control samples excluded; maj@N of the answers it returned)."""
     from fastmem.voting import majority_vote
 
-    tokenizer, model, equivalent = learner.tokenizer, learner.model, learner.equivalent
-    prompts = [tokenizer(p["question"])["input_ids"] for p in problems]
+    equivalent = learner.equivalent
+    prompts = [learner.encode(p["question"]) for p in problems]
 
     def answers_of(samples):
         return [[learner.extract_answer(s.text) for s in row] for row in samples]
 
-    def draw(prompt_ids, n, temperature, seed):
-        return sample(model, prompt_ids, n=n, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                      seed=seed, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id)
-
-    zero_shot = answers_of(draw(prompts, args.n, 1.0, args.seed + 7))
-    greedy = answers_of(draw(prompts, 1, 0.0, args.seed))
+    zero_shot = answers_of(learner.sample(prompts, args.n, args.seed + 7))
+    greedy = answers_of(learner.sample(prompts, 1, args.seed, temperature=0.0))
     majority = [[majority_vote(row, equivalent).answer] for row in zero_shot]
-    icl = answers_of(draw(icl_prompts(learner, problems, records), args.n, 1.0, args.seed + 11))
+    icl = answers_of(learner.sample(icl_prompts(learner, problems, records), args.n, args.seed + 11))
     treated = [r["answers"][:r["memory_samples"]] for r in records]
     half = len(problems) // 2
     stream_pass = _accuracy(treated, problems, equivalent)
@@ -242,21 +358,20 @@ def icl_prompts(learner, problems: list[dict], records: list[dict]) -> list[list
     """Each question preceded by the stored majority traces of its most similar earlier problems.
 
     Uses only what the learner had at that point (earlier problems, their majority-consistent sample
-    texts); the prompt packs ``question trace <eos>`` blocks before the question, as in pretraining.
+    texts); the examples are encoded by the learner's `PromptFormat` (earlier chat turns with a chat
+    template, ``question trace <eos>`` blocks without one), the question last.
     """
-    tokenizer = learner.tokenizer
     keys = torch.nn.functional.normalize(learner.embed_fn([p["question"] for p in problems]).float(), dim=-1)
     prompts = []
     for i, problem in enumerate(problems):
-        blocks: list[int] = []
+        examples = []
         if i:
             similarity = keys[:i] @ keys[i]
             for j in similarity.topk(min(learner.top_k, i)).indices.tolist():
                 trace = _majority_trace(records[j], learner)
                 if trace is not None:
-                    blocks += tokenizer(records[j]["question"])["input_ids"] \
-                        + tokenizer(trace, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompts.append(blocks + tokenizer(problem["question"])["input_ids"])
+                    examples.append((records[j]["question"], trace))
+        prompts.append(learner.prompt.encode(learner.tokenizer, problem["question"], examples))
     return prompts
 
 

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from fastmem.memory import MemoryBank
-from fastmem.sampling import sample
+from fastmem.prompting import PromptFormat
+from fastmem.sampling import check_sampling_options, sample
 from fastmem.store import MemoryStore
 from fastmem.training import MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
@@ -78,7 +79,11 @@ class OnlineLearner:
     model: a Hugging Face causal LM (patched here with `fastmem.patch` and frozen); tokenizer: its
     tokenizer; store: a `MemoryStore`. n: samples per question; steps: Adam steps per batch; top_k:
     memories retrieved; kind: "soft_prompt" or "prefix"; memory: "cluster" or "problem". The
-    remaining keywords are documented in the module docstring; ``extract_answer`` maps a sample's
+    remaining keywords are documented in the module docstring, except sampling's: ``temperature``,
+    ``top_p``, ``sample_top_k`` (`fastmem.sample`'s ``top_k``; ``top_k`` here counts retrieved memories),
+    ``min_p``, ``stop`` (strings that end a sample) and ``max_new_tokens``. ``prompt`` (a `PromptFormat`;
+    default: the tokenizer's chat template when it has one) turns each question into the token ids that
+    sampling, training and the retrieval keys all use (`encode`). ``extract_answer`` maps a sample's
     text to its final answer (None when absent; default `fastmem.voting.extract_answer`: boxed,
     marked or last number), ``equivalent`` compares two answers, ``embed_fn``
     maps a list of questions to keys ``[B, d]``.
@@ -90,7 +95,9 @@ class OnlineLearner:
 
     def __init__(self, model, tokenizer, store: MemoryStore, n: int = 8, steps: int = 4, top_k: int = 2,
                  kind: str = "prefix", memory: str = "cluster", *, length: int = 8, lr: float = 3e-2,
-                 objective: str = "sft", temperature: float = 1.0, max_new_tokens: int = 96,
+                 objective: str = "sft", temperature: float = 1.0, top_p: float = 1.0, sample_top_k: int = 0,
+                 min_p: float = 0.0, stop: Sequence[str] | None = None, max_new_tokens: int = 96,
+                 prompt: PromptFormat | None = None,
                  gate: bool = False, control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
                  cluster_similarity: float = 0.9, min_share: float = 0.0, replay: int = 0,
                  consolidate_every: int = 0, consolidate_threshold: float = 0.95,
@@ -111,11 +118,21 @@ class OnlineLearner:
                              "consolidate_every >= 0")
         if not 0 <= min_share <= 1:
             raise ValueError(f"min_share must lie in [0, 1]; got {min_share}")
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"need n >= 1 and max_new_tokens >= 1; got n={n}, max_new_tokens={max_new_tokens}")
+        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+            raise ValueError(f"lr must be a positive finite number; got {lr!r}")
+        check_sampling_options(temperature, top_p, sample_top_k, min_p)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be non-empty strings; got {stop!r}")
         self.model = fastmem.patch(model).requires_grad_(False)
         self.tokenizer, self.store = tokenizer, store
         self.n, self.steps, self.top_k, self.kind, self.memory = n, steps, top_k, kind, memory
         self.length, self.lr, self.objective = length, lr, objective
         self.temperature, self.max_new_tokens, self.control = temperature, max_new_tokens, control
+        self.top_p, self.sample_top_k, self.min_p, self.stop = top_p, sample_top_k, min_p, stop
+        self.prompt = prompt if prompt is not None else PromptFormat()
         self.gate, self.gate_trials, self.min_similarity = gate, gate_trials, min_similarity
         self.cluster_similarity, self.resample, self.batch_size = cluster_similarity, resample, batch_size
         self.min_share, self.replay = min_share, replay
@@ -125,13 +142,25 @@ class OnlineLearner:
         self.embed_fn = embed_fn or self.embed
         self.seed, self.batches_done = seed, 0
 
+    def encode(self, question: str) -> list[int]:
+        """The prompt token ids of ``question`` (`PromptFormat.encode`): what is sampled, trained and keyed on."""
+        return self.prompt.encode(self.tokenizer, question)
+
     @torch.no_grad()
     def embed(self, questions: list[str]) -> Tensor:
-        """Mean-pooled last hidden states of the base model (no memory): ``[B, hidden]`` fp32."""
-        batch = self.tokenizer(questions, return_tensors="pt", padding=True).to(self.model.device)
-        hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1].float()
-        mask = batch.attention_mask[..., None].float()
-        return (hidden * mask).sum(1) / mask.sum(1)
+        """Mean-pooled last hidden states of the base model (no memory) over each question's encoded prompt
+        (`encode`): ``[B, hidden]`` fp32."""
+        prompts = [self.encode(q) for q in questions]
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):   # right-padded: the padding comes after every real position
+            ids[row, :len(prompt)] = torch.tensor(prompt)
+            mask[row, :len(prompt)] = 1
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+        weights = mask[..., None].float()
+        return (hidden * weights).sum(1) / weights.sum(1)
 
     def solve(self, questions: Sequence[str], progress: Callable[[int], None] | None = None) -> list[Result]:
         """Answer ``questions`` in order, learning as it goes; ``progress(k)`` is called after each batch."""
@@ -159,7 +188,7 @@ class OnlineLearner:
                 _write_vector(bank, slot, plan.start)
         for offset, (cluster, _, _) in enumerate(replayed):
             _write_vector(bank, len(questions) + offset, self.store.get(cluster)[0])
-        prompts = [self.tokenizer(q)["input_ids"] for q in questions]
+        prompts = [self.encode(q) for q in questions]
         seed = self.seed * 1_000_003 + self.batches_done
         uses = torch.tensor([slot if plan.use else -1 for slot, plan in enumerate(plans)])
         treated = self._sample(prompts, bank, uses, self.n - self.control, seed)
@@ -196,9 +225,15 @@ class OnlineLearner:
 
     def _sample(self, prompts, bank, index, n, seed):
         kwargs = dict(bank=bank, index=index) if bank is not None and bool((index >= 0).any()) else {}
+        return self.sample(prompts, n, seed, **kwargs)
+
+    def sample(self, prompts: list[list[int]], n: int, seed: int, temperature: float | None = None, **memory):
+        """`fastmem.sample` with this learner's sampling settings (``temperature`` overrides its own; greedy
+        at 0); ``memory``: ``bank`` and ``index``, or nothing."""
         return sample(self.model, prompts, n=n, max_new_tokens=self.max_new_tokens,
-                      temperature=self.temperature, seed=seed, tokenizer=self.tokenizer,
-                      eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+                      temperature=self.temperature if temperature is None else temperature, top_p=self.top_p,
+                      top_k=self.sample_top_k, min_p=self.min_p, stop=self.stop or None, seed=seed,
+                      tokenizer=self.tokenizer, eos_token_id=self.tokenizer.eos_token_id, **memory)
 
     def _plan(self, scores: list[float], ids: list[int]) -> "_Plan":
         """Where one question's memory starts, and whether its samples use it."""

@@ -78,6 +78,22 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
+def check_sampling_options(temperature, top_p, top_k, min_p) -> None:
+    """ValueError naming the first of temperature (>= 0), top_p ((0, 1]), top_k (int >= 0), min_p ([0, 1))
+    that is out of range."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (number(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
+    if not (number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1]; got {top_p!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k); got {top_k!r}")
+    if not (number(min_p) and 0 <= min_p < 1):
+        raise ValueError(f"min_p must lie in [0, 1) (0: no min-p); got {min_p!r}")
+
+
 def _eos_ids(model, eos_token_id) -> frozenset[int]:
     """eos ids as a set; None takes ``model.generation_config.eos_token_id`` (as ``generate`` does)."""
     if eos_token_id is None:
@@ -99,22 +115,43 @@ def _stop_strings(stop, tokenizer) -> tuple[str, ...]:
 
 
 def _nucleus(probs: Tensor, top_p: float) -> Tensor:
-    """``probs [R, V]`` with every token outside the smallest most-likely set of mass >= top_p zeroed."""
+    """``probs [R, V]`` (each row summing to 1) with every token outside the smallest most-likely set of mass
+    >= top_p zeroed."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p     # the tokens before it already reach top_p
     return probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
 
 
-def _next_tokens(logits: Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def filtered_probs(logits: Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                   min_p: float = 0.0) -> Tensor:
+    """The distribution ``[R, V]`` (fp32, rows summing to 1) that tokens are drawn from at ``temperature > 0``.
+
+    In the order of transformers' ``generate``: ``softmax(logits / temperature)``, then the ``top_k`` most
+    likely tokens (0: all; ties with the k-th kept), then the top-p nucleus of what is left, then only the
+    tokens at least ``min_p`` times as likely as the most likely one (0: all), renormalized after each.
+    """
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if top_p < 1:
+        probs = _nucleus(probs, top_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _next_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                 top_k: int = 0, min_p: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per row of ``logits [R, V]``: the chosen token ``[R]`` and its fp32 log-probability under the model."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        probs = (logits / temperature).softmax(dim=-1)
-        if top_p < 1:
-            probs = _nucleus(probs, top_p)
+        probs = filtered_probs(logits, temperature, top_p, top_k, min_p)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return tokens, logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
@@ -205,15 +242,17 @@ class _Progress:
 
 
 def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_tokens: int = 256,
-           temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, stop=None, seed: int | None = None,
-           tokenizer=None) -> list[list[Sample]]:
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, eos_token_id=None,
+           stop=None, seed: int | None = None, tokenizer=None) -> list[list[Sample]]:
     """``n`` samples for each of B prompts, each prompt computed once (with its memory) and shared.
 
     model: patched with `fastmem.patch`. input_ids: B prompts, each a non-empty list (or 1-D tensor) of token
     ids; lengths may differ. bank, index: the memory, as in `fastmem.inject` (a `MemoryBank` or `KVPool`,
     and slot ids ``[B]`` or ``[B, M]``, ``-1`` = none); both or neither. temperature 0 is greedy (equal to
-    ``generate(do_sample=False)`` under the same memory); otherwise tokens are drawn from
-    ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1``. eos_token_id:
+    ``generate(do_sample=False)`` under the same memory, whatever the filters below); otherwise tokens are drawn
+    from ``softmax(logits / temperature)``, restricted (in this order, as ``generate`` does) to the ``top_k``
+    most likely tokens when ``top_k > 0``, to the top-p nucleus when ``top_p < 1``, and to the tokens at least
+    ``min_p`` times as likely as the most likely one when ``min_p > 0`` (`filtered_probs`). eos_token_id:
     an id or ids that end a sample (None: ``model.generation_config.eos_token_id``, as ``generate``;
     ``()`` for none). stop: a string or strings that end a sample once its text contains one (needs
     ``tokenizer``; the tokens that complete it are kept). seed: the same seed (and inputs) gives the same
@@ -226,10 +265,7 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
     if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__len__") or len(input_ids) == 0:
         raise ValueError("input_ids must be a non-empty list of prompts (token id lists)")
     n, max_new_tokens = _positive_int(n, "n"), _positive_int(max_new_tokens, "max_new_tokens")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must lie in (0, 1]; got {top_p!r}")
+    check_sampling_options(temperature, top_p, top_k, min_p)
     if (bank is None) != (index is None):
         raise ValueError("pass bank and index together (or neither, for no memory)")
     device, vocab_size = model.device, model.config.vocab_size
@@ -254,7 +290,7 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
         logits = output_logits(model, prefix.last_hidden)[owner]
         decoder = _LockstepDecoder(model, prefix.pool, owner, max_new_tokens - 1)
         for step in range(max_new_tokens):
-            tokens, logprobs = _next_tokens(logits, temperature, top_p, generator)
+            tokens, logprobs = _next_tokens(logits, temperature, top_p, generator, top_k, min_p)
             running = progress.record(tokens.tolist(), logprobs.tolist(), last=step == max_new_tokens - 1)
             if not any(running):
                 break

@@ -22,6 +22,8 @@ HF_FACING_MODULES = frozenset({
     "test_learner.py",   # the online learner and `python -m fastmem run` on a tiny Llama
     "test_builtin.py",   # the shipped model and tokenizer, loaded through transformers
     "test_bench.py",     # the HF + PEFT baselines the benchmarks compare against
+    "test_models.py",    # fastmem.load_model / save_model: HF folders, GGUF files, the hub cache
+    "test_cli.py",       # `python -m fastmem run` options, data files and prompts on a tiny Llama
 })
 
 

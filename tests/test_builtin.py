@@ -102,3 +102,47 @@ def test_default_model_answers_in_format_and_beats_chance(default_model):
     completions = generate_solutions(model, tokenizer, [problem["question"] for problem in problems], do_sample=False)
     assert sum(extract_answer(texts[0]) is not None for texts in completions) >= 27
     assert sampled_accuracy(problems, completions)["pass@1"] > 0.1
+
+
+# ---- natural-language word problems (fastmem.data.words) ----------------------------------------
+
+def test_word_problems_are_seeded_and_cover_one_to_three_steps():
+    from fastmem.data.words import TEMPLATES, word_problems
+
+    assert list(word_problems(3, 40)) == list(word_problems(3, 40))
+    assert list(word_problems(3, 40)) != list(word_problems(4, 40))
+    problems = list(word_problems(0, 300))
+    assert {p["steps"] for p in problems} == {1, 2, 3}
+    assert {p["template"] for p in problems} == {name for names in TEMPLATES.values() for name in names}
+
+
+def test_word_problem_solutions_are_right_and_end_like_gsm8k():
+    import re
+
+    from fastmem.data.files import reference_answer
+    from fastmem.data.words import word_problems
+
+    for problem in word_problems(1, 300):
+        lines = problem["answer"].splitlines()
+        assert len(lines) == problem["steps"] + 1 and lines[-1].startswith("#### ")
+        answer = int(lines[-1][5:])
+        results = []
+        for line in lines[:-1]:
+            left, right = re.search(r"(\d+(?: [-+*/] \d+)+) = (\d+)", line).groups()
+            assert eval(left) == int(right), line          # every step's arithmetic holds
+            results.append(int(right))
+        assert results[-1] == answer > 0
+        assert reference_answer(problem["answer"]) == str(answer)
+        assert problem["question"].endswith("?")
+
+
+def test_word_problems_write_to_jsonl_and_read_back(tmp_path):
+    from fastmem.data.files import read_problems
+    from fastmem.data.words import word_problems, write_jsonl
+
+    path = write_jsonl(tmp_path / "words.jsonl", seed=2, n=5)
+    read = read_problems(str(path))
+    expected = list(word_problems(2, 5))
+    assert [p["question"] for p in read] == [p["question"] for p in expected]
+    assert [p["answer"] for p in read] == [p["answer"].rsplit("#### ", 1)[1] for p in expected]
+    assert read_problems("words", limit=5, seed=2) == read

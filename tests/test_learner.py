@@ -42,7 +42,7 @@ def write_jsonl(path, problems):
 
 @pytest.mark.parametrize("memory", ["cluster", "problem"])
 def test_learner_stores_memories_and_reports_every_question(model_dir, memory):
-    from fastmem.cli import load_model
+    from fastmem.models import load_model
 
     model, tokenizer = load_model(str(model_dir))
     store = MemoryStore()
@@ -102,7 +102,7 @@ def test_interrupt_saves_store_and_resume_continues(model_dir, tmp_path, monkeyp
 def test_malformed_jsonl_names_the_line_before_any_work(model_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "1+1?"}\n{"question": 5}\n')
-    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+    with pytest.raises(SystemExit, match="--data: .*bad.jsonl: row 2: 'question' must be a non-empty string"):
         main(["run", "--model", str(model_dir), "--data", str(data), *SMALL_RUN])
 
 
@@ -120,7 +120,7 @@ def scripted_answers(pattern):
 
 
 def small_learner(model_dir, store=None, **options):
-    from fastmem.cli import load_model
+    from fastmem.models import load_model
 
     model, tokenizer = load_model(str(model_dir))
     settings = dict(n=4, steps=1, control=1, batch_size=2, max_new_tokens=4, cluster_similarity=0.0)

@@ -1,5 +1,6 @@
 """fastmem.sample on tiny random models: greedy equals HF greedy generate under the same memory, token for
-token; sampled log-probabilities equal teacher forcing; seeds reproduce; bad input fails before computing."""
+token; sampled log-probabilities equal teacher forcing; the temperature / top-k / top-p / min-p distribution
+equals a plain-torch reference and transformers' warpers; seeds reproduce; bad input fails before computing."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ import torch
 from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank
 
 from fastmem import inject, patch
-from fastmem.sampling import _LockstepDecoder, sample
+from fastmem.sampling import _LockstepDecoder, filtered_probs, sample
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -140,6 +141,88 @@ def test_a_tiny_nucleus_is_greedy():
         assert all(drawn.token_ids == expected[0].token_ids for drawn in samples)
 
 
+def reference_filtered_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                             min_p: float) -> torch.Tensor:
+    """The sampling distribution written out token by token, in plain torch and Python (fp64)."""
+    rows = []
+    for row in logits.double():
+        probs = torch.softmax(row / temperature, dim=0)
+        keep = set(range(len(probs)))
+        if top_k:
+            kth = sorted(probs.tolist(), reverse=True)[min(top_k, len(probs)) - 1]
+            keep = {t for t in keep if probs[t] >= kth}
+        kept = torch.tensor([float(t in keep) for t in range(len(probs))], dtype=torch.float64)
+        probs = probs * kept / (probs * kept).sum()
+        if top_p < 1:
+            mass, nucleus = 0.0, set()
+            for token in sorted(keep, key=lambda t: -probs[t].item()):
+                if mass >= top_p:
+                    break
+                nucleus.add(token)
+                mass += probs[token].item()
+            kept = torch.tensor([float(t in nucleus) for t in range(len(probs))], dtype=torch.float64)
+            probs = probs * kept / (probs * kept).sum()
+        if min_p:
+            kept = (probs >= min_p * probs.max()).double()
+            probs = probs * kept / (probs * kept).sum()
+        rows.append(probs)
+    return torch.stack(rows)
+
+
+def hf_filtered_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                      min_p: float) -> torch.Tensor:
+    """transformers' own warpers, in the order generate applies them."""
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p:
+        warpers.append(MinPLogitsWarper(min_p))
+    return warpers(None, logits.clone()).softmax(dim=-1)
+
+
+SETTINGS = [(1.0, 1.0, 0, 0.0), (0.7, 1.0, 5, 0.0), (1.3, 0.8, 0, 0.0), (1.0, 1.0, 0, 0.1), (0.5, 0.9, 20, 0.05),
+            (1.0, 0.95, 3, 0.3), (2.0, 0.5, 1, 0.0), (0.8, 1.0, 100, 0.0)]
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k, min_p", SETTINGS)
+def test_filtered_distribution_equals_reference_and_transformers(temperature, top_p, top_k, min_p):
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(top_k)) * 3
+    got = filtered_probs(logits, temperature, top_p, top_k, min_p)
+    expected = reference_filtered_probs(logits, temperature, top_p, top_k, min_p)
+    assert torch.equal(got > 0, expected > 0)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, hf_filtered_probs(logits, temperature, top_p, top_k, min_p), atol=1e-6, rtol=1e-5)
+    support = (got > 0).sum(-1)
+    if top_k:
+        assert bool((support <= top_k).all())
+    assert bool((support >= 1).all())
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(min_p=0.999), dict(top_k=4, top_p=1e-6)])
+def test_filters_that_leave_one_token_are_greedy(filters):
+    model = patch(make_model("llama"))
+    memory, prompts = memory_args(model, "prefix"), make_prompts()
+    greedy = sample(model, prompts, n=1, max_new_tokens=6, temperature=0, **memory)
+    filtered = sample(model, prompts, n=3, max_new_tokens=6, temperature=1.5, seed=5, **filters, **memory)
+    for expected, samples in zip(greedy, filtered):
+        assert all(drawn.token_ids == expected[0].token_ids for drawn in samples)
+
+
+def test_top_k_samples_only_the_k_most_likely_tokens():
+    model = patch(make_model("qwen2"))
+    prompts = make_prompts()
+    result = sample(model, prompts, n=6, max_new_tokens=1, temperature=1.0, top_k=3, seed=2)
+    with torch.no_grad():
+        for prompt, samples in zip(prompts, result):
+            top3 = set(model(input_ids=torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist())
+            assert {drawn.token_ids[0] for drawn in samples} <= top3
+
+
 def test_stop_strings_end_samples():
     model = patch(make_model("mistral"))
     tokenizer, stop = LetterTokenizer(), ["a", "bc"]
@@ -173,6 +256,10 @@ def test_bad_input_is_refused_before_any_computation():
         (ValueError, "stop strings need a tokenizer", dict(stop="x")),
         (ValueError, "temperature", dict(temperature=-1.0)),
         (ValueError, "top_p", dict(top_p=0.0)),
+        (ValueError, "top_k must be an int >= 0", dict(top_k=-1)),
+        (ValueError, "top_k must be an int >= 0", dict(top_k=2.5)),
+        (ValueError, "min_p must lie in", dict(min_p=1.0)),
+        (ValueError, "min_p must lie in", dict(min_p=-0.1)),
         (ValueError, "n must be a positive int", dict(n=0)),
     ]
     for error, message, kwargs in cases:

@@ -1,0 +1,157 @@
+"""A seeded stream of natural-language arithmetic word problems in GSM8K style (one to three steps).
+
+Each problem is ``{"question", "answer", "steps", "template"}``: ``answer`` is a worked solution that ends
+``#### N`` as GSM8K's do (`fastmem.data.files.reference_answer` reads ``N`` off it). Numbers are small
+and every intermediate result is a positive integer, so the difficulty lies in the reading and the
+number of steps, not in the arithmetic. ``python -m fastmem run --data words`` uses this stream;
+`write_jsonl` writes it out.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+NAMES = ("Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kira", "Leo",
+         "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sam", "Tara")
+ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "books", "cards", "shells", "stamps", "eggs")
+CONTAINERS = ("boxes", "bags", "jars", "packs", "baskets")
+
+# (question, solution lines, answer) from a random generator
+Template = Callable[[random.Random], tuple[str, list[str], int]]
+
+
+def _pick(rng: random.Random) -> tuple[str, str, str]:
+    name, friend = rng.sample(NAMES, 2)
+    return name, friend, rng.choice(ITEMS)
+
+
+# ---- one step ------------------------------------------------------------------------------------
+
+def _buy_more(rng):
+    name, _, items = _pick(rng)
+    a, b = rng.randint(2, 20), rng.randint(2, 10)
+    return (f"{name} has {a} {items}. {name} buys {b} more {items}. How many {items} does {name} have now?",
+            [f"{name} has {a} + {b} = {a + b} {items}."], a + b)
+
+
+def _give_away(rng):
+    name, friend, items = _pick(rng)
+    b = rng.randint(2, 10)
+    a = b + rng.randint(2, 15)
+    return (f"{name} had {a} {items} and gave {b} of them to {friend}. How many {items} does {name} have left?",
+            [f"{name} has {a} - {b} = {a - b} {items} left."], a - b)
+
+
+def _boxes(rng):
+    _, _, items = _pick(rng)
+    container = rng.choice(CONTAINERS)
+    a, b = rng.randint(2, 6), rng.randint(2, 5)
+    return (f"Each of the {container} holds {a} {items}. How many {items} are in {b} {container}?",
+            [f"{b} {container} hold {b} * {a} = {a * b} {items}."], a * b)
+
+
+# ---- two steps -----------------------------------------------------------------------------------
+
+def _get_then_give(rng):
+    name, friend, items = _pick(rng)
+    a, b = rng.randint(2, 15), rng.randint(2, 10)
+    c = rng.randint(1, a + b - 1)
+    return (f"{name} has {a} {items}. {friend} gives {name} {b} more {items}. Then {name} loses {c} {items}. "
+            f"How many {items} does {name} have now?",
+            [f"After the gift {name} has {a} + {b} = {a + b} {items}.",
+             f"After losing {c}, {name} has {a + b} - {c} = {a + b - c} {items}."], a + b - c)
+
+
+def _two_friends(rng):
+    name, friend, items = _pick(rng)
+    a, more = rng.randint(2, 12), rng.randint(2, 8)
+    return (f"{name} has {a} {items}. {friend} has {more} more {items} than {name}. "
+            f"How many {items} do they have together?",
+            [f"{friend} has {a} + {more} = {a + more} {items}.",
+             f"Together they have {a} + {a + more} = {2 * a + more} {items}."], 2 * a + more)
+
+
+def _packs_then_eat(rng):
+    name, _, items = _pick(rng)
+    container = rng.choice(CONTAINERS)
+    packs, each = rng.randint(2, 4), rng.randint(2, 6)
+    total = packs * each
+    eaten = rng.randint(1, total - 1)
+    return (f"{name} buys {packs} {container} of {items} with {each} {items} in each. {name} then gives away "
+            f"{eaten} {items}. How many {items} does {name} have left?",
+            [f"{name} buys {packs} * {each} = {total} {items}.",
+             f"{name} has {total} - {eaten} = {total - eaten} {items} left."], total - eaten)
+
+
+# ---- three steps ---------------------------------------------------------------------------------
+
+def _three_changes(rng):
+    name, friend, items = _pick(rng)
+    a, b, c = rng.randint(2, 15), rng.randint(2, 10), rng.randint(2, 10)
+    d = rng.randint(1, a + b + c - 1)
+    return (f"{name} has {a} {items}. {name} buys {b} {items} and finds {c} more. Then {name} gives {d} {items} "
+            f"to {friend}. How many {items} does {name} have now?",
+            [f"After buying, {name} has {a} + {b} = {a + b} {items}.",
+             f"After finding more, {name} has {a + b} + {c} = {a + b + c} {items}.",
+             f"After giving {d} away, {name} has {a + b + c} - {d} = {a + b + c - d} {items}."], a + b + c - d)
+
+
+def _buy_boxes_give(rng):
+    name, friend, items = _pick(rng)
+    container = rng.choice(CONTAINERS)
+    start, boxes, each = rng.randint(2, 12), rng.randint(2, 4), rng.randint(2, 5)
+    total = start + boxes * each
+    given = rng.randint(1, total - 1)
+    return (f"{name} has {start} {items}. {name} buys {boxes} {container} with {each} {items} in each, then gives "
+            f"{given} {items} to {friend}. How many {items} does {name} have now?",
+            [f"The {container} hold {boxes} * {each} = {boxes * each} {items}.",
+             f"{name} then has {start} + {boxes * each} = {total} {items}.",
+             f"After giving {given} away, {name} has {total} - {given} = {total - given} {items}."], total - given)
+
+
+def _three_days(rng):
+    name, _, items = _pick(rng)
+    monday, tuesday, more = rng.randint(2, 12), rng.randint(2, 12), rng.randint(2, 6)
+    wednesday = tuesday + more
+    total = monday + tuesday + wednesday
+    return (f"{name} collects {monday} {items} on Monday and {tuesday} {items} on Tuesday. On Wednesday {name} "
+            f"collects {more} more {items} than on Tuesday. How many {items} does {name} collect in the three days?",
+            [f"On Wednesday {name} collects {tuesday} + {more} = {wednesday} {items}.",
+             f"Monday and Tuesday give {monday} + {tuesday} = {monday + tuesday} {items}.",
+             f"In all {name} collects {monday + tuesday} + {wednesday} = {total} {items}."], total)
+
+
+TEMPLATES: dict[int, dict[str, Template]] = {
+    1: {"buy_more": _buy_more, "give_away": _give_away, "boxes": _boxes},
+    2: {"get_then_give": _get_then_give, "two_friends": _two_friends, "packs_then_eat": _packs_then_eat},
+    3: {"three_changes": _three_changes, "buy_boxes_give": _buy_boxes_give, "three_days": _three_days},
+}
+
+
+def make_word_problem(rng: random.Random, steps: int | None = None) -> dict:
+    """One problem ``{"question", "answer", "steps", "template"}`` drawn with ``rng`` (``steps``: 1 to 3,
+    None = uniform). ``answer`` is the worked solution ending ``#### N``."""
+    steps = steps if steps is not None else rng.randint(1, 3)
+    if steps not in TEMPLATES:
+        raise ValueError(f"steps must be 1, 2 or 3; got {steps!r}")
+    name = rng.choice(sorted(TEMPLATES[steps]))
+    question, lines, answer = TEMPLATES[steps][name](rng)
+    return {"question": question, "answer": "\n".join(lines) + f"\n#### {answer}", "steps": steps, "template": name}
+
+
+def word_problems(seed: int, n: int | None = None) -> Iterator[dict]:
+    """Yield ``n`` word problems (forever when None), the same ones for the same ``seed``."""
+    rng = random.Random(seed)
+    produced = 0
+    while n is None or produced < n:
+        yield make_word_problem(rng)
+        produced += 1
+
+
+def write_jsonl(path, seed: int, n: int) -> Path:
+    """Write ``n`` problems of ``word_problems(seed)`` to ``path`` as JSONL (``question``, ``answer``, ...)."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(problem) + "\n" for problem in word_problems(seed, n)), encoding="utf-8")
+    return path
