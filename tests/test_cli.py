@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_learner import save_tiny_model
 
 import fastmem.models
 from fastmem import training
@@ -32,15 +32,7 @@ def chat_model_dir(tmp_path_factory):
     """A tiny random Llama whose (character) tokenizer has a chat template."""
     tokenizer = build_tokenizer()
     tokenizer.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("chat_model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("chat_model"), tokenizer, max_position_embeddings=1024)
 
 
 @pytest.fixture

@@ -20,19 +20,22 @@ SMALL_RUN = ["--n", "3", "--steps", "1", "--batch-size", "4", "--max-new-tokens"
 
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with the built-in tokenizer, saved like a user's local model."""
-    tokenizer = build_tokenizer()
+def save_tiny_model(path, tokenizer, max_position_embeddings: int = 256):
+    """A tiny random Llama for ``tokenizer``, saved with it in ``path`` like a user's local model."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("model")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with the built-in tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("model"), build_tokenizer())
 
 
 def write_jsonl(path, problems):
