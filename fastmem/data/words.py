@@ -53,6 +53,13 @@ def _boxes(rng):
             [f"{b} {container} hold {b} * {a} = {a * b} {items}."], a * b)
 
 
+def _found_more(rng):
+    name, _, items = _pick(rng)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return (f"{name} found {a} {items} in the morning and {b} {items} in the afternoon. How many {items} did "
+            f"{name} find?", [f"{name} found {a} + {b} = {a + b} {items}."], a + b)
+
+
 # ---- two steps -----------------------------------------------------------------------------------
 
 def _get_then_give(rng):
@@ -112,29 +119,30 @@ def _buy_boxes_give(rng):
              f"After giving {given} away, {name} has {total} - {given} = {total - given} {items}."], total - given)
 
 
-def _three_days(rng):
-    name, _, items = _pick(rng)
-    monday, tuesday, more = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 3)
-    wednesday = tuesday + more
-    total = monday + tuesday + wednesday
-    return (f"{name} collects {monday} {items} on Monday and {tuesday} {items} on Tuesday. On Wednesday {name} "
-            f"collects {more} more {items} than on Tuesday. How many {items} does {name} collect in the three days?",
-            [f"On Wednesday {name} collects {tuesday} + {more} = {wednesday} {items}.",
-             f"Monday and Tuesday give {monday} + {tuesday} = {monday + tuesday} {items}.",
-             f"In all {name} collects {monday + tuesday} + {wednesday} = {total} {items}."], total)
+def _three_gifts(rng):
+    name, friend, items = _pick(rng)
+    other = rng.choice([n for n in NAMES if n not in (name, friend)])
+    a, b, c = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6)
+    return (f"{name} has {a} {items}. {friend} gives {name} {b} {items}, and {other} gives {name} {c} {items}. "
+            f"Then {name} buys 1 more. How many {items} does {name} have now?",
+            [f"After {friend}'s gift {name} has {a} + {b} = {a + b} {items}.",
+             f"After {other}'s gift {name} has {a + b} + {c} = {a + b + c} {items}.",
+             f"After buying one, {name} has {a + b + c} + 1 = {a + b + c + 1} {items}."], a + b + c + 1)
 
 
 TEMPLATES: dict[int, dict[str, Template]] = {
-    1: {"buy_more": _buy_more, "give_away": _give_away, "boxes": _boxes},
+    1: {"buy_more": _buy_more, "give_away": _give_away, "found_more": _found_more, "boxes": _boxes},
     2: {"get_then_give": _get_then_give, "two_friends": _two_friends, "packs_then_eat": _packs_then_eat},
-    3: {"three_changes": _three_changes, "buy_boxes_give": _buy_boxes_give, "three_days": _three_days},
+    3: {"three_changes": _three_changes, "buy_boxes_give": _buy_boxes_give, "three_gifts": _three_gifts},
 }
+# how often a problem has 1, 2 or 3 steps (SmolLM2-135M-Instruct solves few three-step problems)
+STEP_WEIGHTS = {1: 0.5, 2: 0.3, 3: 0.2}
 
 
 def make_word_problem(rng: random.Random, steps: int | None = None) -> dict:
     """One problem ``{"question", "answer", "steps", "template"}`` drawn with ``rng`` (``steps``: 1 to 3,
-    None = uniform). ``answer`` is the worked solution ending ``#### N``."""
-    steps = steps if steps is not None else rng.randint(1, 3)
+    None = drawn by `STEP_WEIGHTS`). ``answer`` is the worked solution ending ``#### N``."""
+    steps = steps if steps is not None else rng.choices(list(STEP_WEIGHTS), weights=list(STEP_WEIGHTS.values()))[0]
     if steps not in TEMPLATES:
         raise ValueError(f"steps must be 1, 2 or 3; got {steps!r}")
     name = rng.choice(sorted(TEMPLATES[steps]))
