@@ -243,8 +243,11 @@ setup(
         "triton; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        # pybind11 and g++ build the CUDA-kernel host emulator in tests; faiss checks FAISS search.
-        "test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib", "pybind11", "faiss-cpu"],
+        # pybind11 and g++ build the CUDA-kernel host emulator in tests; faiss checks FAISS search; gguf reads
+        # the real model's GGUF file (scripts/real_model.py); optimum-quanto is the quantized cache tested.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib", "pybind11", "faiss-cpu", "gguf",
+                 "optimum-quanto"],
+        "gguf": ["gguf"],
         "bench": ["matplotlib"],
         "faiss": ["faiss-cpu"],
     },

@@ -76,11 +76,13 @@ def test_cache_under_either_keyword_continues_exactly(keyword, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cache", ["dynamic", "static", pytest.param("offloaded", marks=NEEDS_CUDA),
                                    pytest.param("offloaded_static", marks=NEEDS_CUDA)])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3_text"])
 def test_generate_under_each_cache_equals_rows_alone(arch, cache, kind):
     """Left-padded rows with distinct, shorter and no memory: greedy `generate` under the cache equals each
-    row's uncached recomputation alone. Mistral's window (16) covers every row here."""
-    model = tiny(arch, sliding_window=16)
+    row's uncached recomputation alone. Mistral's window (16) covers every row here; Gemma 3 has a sliding
+    and a full layer (a hybrid cache)."""
+    extra = {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]} if arch == "gemma3_text" else {}
+    model = tiny(arch, sliding_window=16, **extra)
     bank = bank_for(model, kind)
     index = torch.tensor([0, -1, 1])
     ids, mask, _, rows = make_batch([2, 3, 1])
