@@ -8,7 +8,7 @@
 # VERSION is a transformers release, or `newest` (whatever the registry offers now). Each venv is made
 # with --system-site-packages from $PYTHON (default: python), so it reuses that environment's torch,
 # pytest and fastmem's other dependencies (set it up the README way first); into it go
-# transformers==VERSION and the newest peft pip finds compatible with it ($PEFT overrides the peft
+# transformers==VERSION and the newest peft and datasets pip finds compatible with it ($PEFT overrides the peft
 # requirement, e.g. PEFT="peft==0.17.1"), with torch held at the installed version. The tests run
 # from this checkout. Venvs are deleted as each version finishes; the pip and pytest logs stay in the
 # folder printed at the end. Set JOBS for pytest-xdist workers (default 2).
@@ -53,7 +53,7 @@ for version in "${versions[@]}"; do
     echo "compat.sh: ${request} ..." >&2
     "${PYTHON}" -m venv --system-site-packages "${venv}"
     if ! "${venv}/bin/python" -m pip install --quiet --upgrade -c "${logs}/torch-constraint.txt" \
-            "${request}" "${PEFT:-peft}" > "${log}-pip.log" 2>&1; then
+            "${request}" "${PEFT:-peft}" datasets > "${log}-pip.log" 2>&1; then
         echo "compat.sh: installing ${request} failed: ${log}-pip.log" >&2
         rows+=("| ${version} | | install failed | | |")
         status=1

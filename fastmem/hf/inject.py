@@ -568,8 +568,8 @@ def run_after_memory(model, memory: Memory | None, input_ids: Tensor, *, past: i
     positions = offset + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     if handler is None and memory is not None:
         handler = InjectionContext.for_memory(memory)
-    out = model.base_model(input_ids=input_ids, position_ids=positions.expand(input_ids.shape[0], -1),
-                           use_cache=False, **{CONTEXT_KEYWORD: handler})
+    out = model.get_decoder()(input_ids=input_ids, position_ids=positions.expand(input_ids.shape[0], -1),
+                              use_cache=False, **{CONTEXT_KEYWORD: handler})
     return out.last_hidden_state
 
 
