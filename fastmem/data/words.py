@@ -45,14 +45,6 @@ def _give_away(rng):
             [f"{name} has {a} - {b} = {a - b} {items} left."], a - b)
 
 
-def _boxes(rng):
-    _, _, items = _pick(rng)
-    container = rng.choice(CONTAINERS)
-    a, b = rng.randint(2, 5), rng.randint(2, 3)
-    return (f"Each of the {container} holds {a} {items}. How many {items} are in {b} {container}?",
-            [f"{b} {container} hold {b} * {a} = {a * b} {items}."], a * b)
-
-
 def _found_more(rng):
     name, _, items = _pick(rng)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
@@ -131,7 +123,7 @@ def _three_gifts(rng):
 
 
 TEMPLATES: dict[int, dict[str, Template]] = {
-    1: {"buy_more": _buy_more, "give_away": _give_away, "found_more": _found_more, "boxes": _boxes},
+    1: {"buy_more": _buy_more, "give_away": _give_away, "found_more": _found_more},
     2: {"get_then_give": _get_then_give, "two_friends": _two_friends, "packs_then_eat": _packs_then_eat},
     3: {"three_changes": _three_changes, "buy_boxes_give": _buy_boxes_give, "three_gifts": _three_gifts},
 }
