@@ -187,12 +187,15 @@ def forget_gguf(model):
 
 def save_model(model, tokenizer, path) -> Path:
     """Write ``model`` and ``tokenizer`` as a normal Hugging Face folder at ``path`` (a GGUF-loaded model
-    included: see `forget_gguf`); `load_model(path)` reads it back. Returns the folder."""
+    included: see `forget_gguf`); `load_model(path)` reads it back, on transformers 4.56+ as on 5.x (the
+    tokenizer is saved under a class name both know: `save_tokenizer`). Returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    from fastmem.data.tokenizer import save_tokenizer
+
     forget_gguf(model).save_pretrained(path)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
     return path
 
 

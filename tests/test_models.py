@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmem.data import build_tokenizer
 from fastmem.models import ModelLoadError, load_model, resolve_dtype, resolve_model, save_model
+
+V5 = Version(transformers.__version__) >= Version("5.0.0")
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -104,7 +108,9 @@ def test_gguf_loads_as_the_model_it_was_written_from(gguf_path, source_model, sp
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32 and not model.training
     assert torch.equal(logits(model), logits(source_model))
     assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
-    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<|im_end|>"
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    if V5:   # transformers 4.x reads this GGUF's padding token id as <|im_start|>
+        assert tokenizer.pad_token == "<|im_end|>"
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
@@ -119,8 +125,9 @@ def test_gguf_model_saves_as_a_folder_and_reloads_with_identical_logits(gguf_pat
     assert reloaded_tokenizer.chat_template == tokenizer.chat_template
 
 
+@pytest.mark.skipif(not V5, reason="transformers 4.x saves GGUF-loaded models itself")
 def test_transformers_alone_refuses_to_save_a_gguf_model(gguf_path, tmp_path):
-    """What `save_model` works around (if transformers starts saving these, `forget_gguf` can go)."""
+    """What `save_model` works around on transformers 5 (if it starts saving these, `forget_gguf` can go)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
