@@ -193,10 +193,28 @@ def peft_sample_one_at_a_time(peft_model, prompts: Sequence[Sequence[int]], memo
         ids = torch.tensor([list(prompt)], device=weight.device)
         out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=do_sample,
                                   num_return_sequences=n, max_new_tokens=max_new_tokens, top_k=None,
-                                  top_p=None, temperature=None if not do_sample else 1.0, eos_token_id=None,
+                                  top_p=None, temperature=None if not do_sample else 1.0, eos_token_id=[],
                                   pad_token_id=peft_model.config.pad_token_id or 0)
         samples.append(out[:, ids.shape[1]:])
     return torch.stack(samples)
+
+
+def hf_generate_batch(model, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, *,
+                      seed: int = 0) -> Tensor:
+    """The peer without memories: ``n`` samples of ``max_new_tokens`` tokens (no eos stop) for each of the B
+    prompts in one HF ``generate`` call (left padded, ``num_return_sequences=n``, pure sampling at
+    temperature 1). Returns the new tokens ``[B, n, max_new_tokens]``."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt))
+        mask[row, width - len(prompt):] = 1
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
+                         num_return_sequences=n, max_new_tokens=max_new_tokens, top_k=None, top_p=None,
+                         temperature=1.0, eos_token_id=[], pad_token_id=model.config.pad_token_id or 0)
+    return out[:, width:].reshape(len(prompts), n, -1)
 
 
 @torch.no_grad()
@@ -210,7 +228,8 @@ def peft_online_loop(peft_model, tokenizer, questions: Sequence[str], keys: Tens
                      fresh_memory: Callable[[], Tensor], n: int, steps: int, lr: float, top_k: int,
                      min_similarity: float, max_new_tokens: int, temperature: float,
                      extract_answer: Callable[[str], str | None], vote: Callable,
-                     seed: int = 0) -> tuple[list[str | None], Tensor, Tensor]:
+                     seed: int = 0, encode: Callable[[str], list[int]] | None = None
+                     ) -> tuple[list[str | None], Tensor, Tensor]:
     """The online loop with HF and PEFT, one question at a time.
 
     Per question: embed it (`mean_hidden_state` of the base model); retrieve the ``top_k`` stored keys
@@ -221,6 +240,9 @@ def peft_online_loop(peft_model, tokenizer, questions: Sequence[str], keys: Tens
     vote (``vote(answers)`` -> an object with ``answer`` and ``agrees``); train the adapter ``steps``
     Adam steps on the majority-consistent traces (`peft_train`); store its key and memory.
 
+    encode: a question's prompt token ids (e.g. `fastmem.prompting.PromptFormat.encode`, as the learner
+    encodes); None: ``tokenizer(question)``.
+
     Returns the majority answers and the grown ``keys`` and ``memories``.
     """
     base, weight = peft_model.get_base_model(), prompt_weight(peft_model)
@@ -228,7 +250,8 @@ def peft_online_loop(peft_model, tokenizer, questions: Sequence[str], keys: Tens
     torch.manual_seed(seed)
     answers = []
     for question in questions:
-        prompt_ids = tokenizer(question, return_tensors="pt").input_ids.to(device)
+        prompt_ids = (tokenizer(question, return_tensors="pt").input_ids if encode is None
+                      else torch.tensor([encode(question)])).to(device)
         key = mean_hidden_state(base, prompt_ids)
         start, use = fresh_memory(), False
         if len(keys):

@@ -37,7 +37,9 @@ class Workload:
     differentiates (their gradients are returned in that order). End-to-end workloads may hold any
     object among their inputs (a model, token lists). ``work``: what one call does, as ``(amount, unit)``
     (e.g. ``(16, "problems")``), reported as a rate per second. ``compared``: whether the providers'
-    outputs can be compared (not for random samples drawn from different generators)."""
+    outputs can be compared (not for random samples drawn from different generators). ``bytes_read``: the
+    bytes one call must at least read from memory (weights, keys, values), for the roofline: a call's lower
+    bound is max(bytes_read / copy bandwidth, FLOPs / matmul ceiling), both measured in the same run."""
     section: str
     name: str
     shape: dict
@@ -46,16 +48,22 @@ class Workload:
     grad_inputs: tuple[str, ...] = ()
     work: tuple[float, str] | None = None
     compared: bool = True
+    bytes_read: float | None = None
 
 
 @dataclass(frozen=True)
 class Target:
-    """A threshold: ``speedup`` over the baseline, or ``ceiling`` fraction of the matmul FLOP/s."""
+    """A threshold: ``speedup`` over the baseline (or over the provider named ``against``, in the same
+    comparison), ``ceiling`` fraction of the matmul FLOP/s, or ``roofline``: the call's lower bound
+    (see `Workload`) over its time."""
     metric: str
     at_least: float
+    against: str | None = None
 
     def label(self) -> str:
-        return f">={self.at_least:g}x" if self.metric == "speedup" else f">={self.at_least:.0%} of ceiling"
+        if self.metric == "speedup":
+            return f">={self.at_least:g}x" + (f" vs {self.against}" if self.against else "")
+        return f">={self.at_least:.0%} of {self.metric}"
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,12 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Timing:
-    """Warm-up calls per case, samples per case, and the least time one sample spends in calls."""
+    """Warm-up calls per case, samples per case, and the least time one sample spends in calls.
+    ``time_first_call``: the first (checked) call is also the first sample (for jobs too long to run twice)."""
     warmup: int
     reps: int
     min_sample_s: float
+    time_first_call: bool = False
 
 
 @dataclass
@@ -179,18 +189,25 @@ def measure(cases: list[Case], timing: Timing, device: torch.device) -> list[Mea
         if id(case.workload) not in inputs:
             inputs[id(case.workload)] = build_inputs(case.workload)
     runs = [bind(case, inputs[id(case.workload)]) for case in cases]
-    first_outputs = [run() for run in runs]
+    first_outputs, first_s = [], []
+    for run in runs:
+        start_s = time.perf_counter()
+        first_outputs.append(run())
+        first_s.append(time.perf_counter() - start_s)
     baseline_outputs = {case.comparison: out for case, out in zip(cases, first_outputs) if case.is_baseline}
     measurements = [Measurement(case, [], None if case.is_baseline or case.comparison not in baseline_outputs
                                 or not case.workload.compared
                                 else max_abs_diff(out, baseline_outputs[case.comparison]))
                     for case, out in zip(cases, first_outputs)]
     del first_outputs, baseline_outputs
+    if timing.time_first_call:
+        for measurement, seconds in zip(measurements, first_s):
+            measurement.samples_s.append(seconds)
     calls = []  # per sample, sized from the last warm-up call
     for run in runs:
         warmup_s = [seconds_per_call(run, 1, device) for _ in range(timing.warmup)]
         calls.append(max(1, round(timing.min_sample_s / warmup_s[-1])) if warmup_s else 1)
-    for _ in range(timing.reps):
+    for _ in range(timing.reps - timing.time_first_call):
         for measurement, run, count in zip(measurements, runs, calls):
             measurement.samples_s.append(seconds_per_call(run, count, device))
     return measurements
@@ -303,9 +320,12 @@ def quantiles_ms(samples_s: list[float]) -> tuple[float, float, float]:
     return p20, p50, p80
 
 
-def report_rows(measurements: list[Measurement], ceiling_flops_per_s: float) -> list[dict]:
-    """Every figure of every measurement, ratios against the baseline of its comparison, targets judged."""
+def report_rows(measurements: list[Measurement], ceiling_flops_per_s: float,
+                bandwidth_bytes_per_s: float | None = None) -> list[dict]:
+    """Every figure of every measurement, ratios against the baseline of its comparison, targets judged.
+    ``bandwidth_bytes_per_s``: the copy bandwidth measured in the same run (roofline rows need it)."""
     baselines = {m.case.comparison: m for m in measurements if m.case.is_baseline}
+    medians = {(m.case.comparison, m.case.provider): quantiles_ms(m.samples_s)[1] for m in measurements}
     rows = []
     for m in measurements:
         case = m.case
@@ -315,17 +335,28 @@ def report_rows(measurements: list[Measurement], ceiling_flops_per_s: float) -> 
         flops_per_s = case.flops / (median / 1e3) if case.flops else None
         amount, unit = case.workload.work or (None, None)
         ceiling_fraction = flops_per_s / ceiling_flops_per_s if flops_per_s else None
-        values = {"speedup": ratio, "ceiling": ceiling_fraction}
+        bound_s = None
+        if case.workload.bytes_read is not None and bandwidth_bytes_per_s:
+            bound_s = max(case.workload.bytes_read / bandwidth_bytes_per_s, (case.flops or 0) / ceiling_flops_per_s)
+        roofline = bound_s / (median / 1e3) if bound_s else None
+
+        def value(target: Target) -> float | None:
+            if target.metric == "speedup" and target.against:
+                other = medians.get((case.comparison, target.against))
+                return other / median if other else None
+            return {"speedup": ratio, "ceiling": ceiling_fraction, "roofline": roofline}[target.metric]
         rows.append(dict(
             id=case.id, section=case.workload.section, case=case.workload.name, provider=case.provider,
             mode=case.mode, shape=case.workload.shape, baseline=baseline.case.provider if baseline else None,
             median_ms=median, p20_ms=p20, p80_ms=p80, samples_ms=[s * 1e3 for s in m.samples_s],
             ratio_vs_baseline=ratio, flops=case.flops, gflops_per_s=flops_per_s and flops_per_s / 1e9,
             rate_per_s=amount and amount / (median / 1e3), rate_unit=unit,
-            ceiling_fraction=ceiling_fraction, peak_mb=None if m.peak_bytes is None else m.peak_bytes / 2**20,
+            ceiling_fraction=ceiling_fraction, bytes_read=case.workload.bytes_read,
+            bound_ms=bound_s and bound_s * 1e3, roofline_fraction=roofline,
+            peak_mb=None if m.peak_bytes is None else m.peak_bytes / 2**20,
             max_abs_diff_vs_baseline=m.max_abs_diff,
-            targets=[dict(target=t.label(), metric=t.metric, at_least=t.at_least, value=values[t.metric],
-                          met=values[t.metric] is not None and values[t.metric] >= t.at_least)
+            targets=[dict(target=t.label(), metric=t.metric, at_least=t.at_least, against=t.against,
+                          value=value(t), met=value(t) is not None and value(t) >= t.at_least)
                      for t in case.targets]))
     return rows
 
@@ -337,7 +368,7 @@ def _number(value: float | None) -> str:
 
 
 COLUMNS = ("section", "case", "provider", "mode", "median ms", "p20–p80 ms", "ratio vs baseline", "rate", "GFLOP/s",
-           "% of ceiling", "peak MB", "target", "met?")
+           "% of ceiling", "% of roofline", "peak MB", "target", "met?")
 
 
 def _rate(row: dict) -> str:
@@ -355,7 +386,9 @@ def markdown_table(rows: list[dict]) -> str:
         cells = (row["section"], row["case"], row["provider"], row["mode"], _number(row["median_ms"]),
                  f"{_number(row['p20_ms'])}–{_number(row['p80_ms'])}", ratio, _rate(row),
                  _number(row["gflops_per_s"]),
-                 "—" if fraction is None else f"{fraction:.1%}", _number(row["peak_mb"]),
+                 "—" if fraction is None else f"{fraction:.1%}",
+                 "—" if row.get("roofline_fraction") is None else f"{row['roofline_fraction']:.1%}",
+                 _number(row["peak_mb"]),
                  "; ".join(t["target"] for t in row["targets"]) or "—",
                  ", ".join("yes" if t["met"] else "NO" for t in row["targets"]) or "—")
         lines.append("| " + " | ".join(cells) + " |")
@@ -368,11 +401,20 @@ def target_lines(rows: list[dict]) -> list[str]:
     for row in rows:
         for target in row["targets"]:
             value, goal = target["value"], target["at_least"]
+            if value is None:
+                lines.append(f"- {row['section']} / {row['case']} / {row['mode']}, {row['provider']}: target "
+                             f"{target['target']}: NOT MEASURED")
+                continue
             if target["metric"] == "speedup":
-                reached, short = f"{value:.2f}x the {row['baseline']}", f"{goal - value:.2f}x"
+                against = target.get("against") or row["baseline"]
+                reached, short = f"{value:.2f}x the {against}", f"{goal - value:.2f}x"
                 if row["rate_per_s"] is not None:
                     reached += (f" ({_number(row['rate_per_s'])} vs {_number(row['rate_per_s'] / value)} "
                                 f"{row['rate_unit']}/s)")
+            elif target["metric"] == "roofline":
+                reached = (f"{value:.1%} of its roofline bound ({_number(row['bound_ms'])} ms: max(bytes / copy "
+                           f"bandwidth, FLOPs / matmul ceiling))")
+                short = f"{(goal - value) * 100:.1f} points"
             else:
                 reached, short = f"{value:.1%} of the matmul ceiling", f"{(goal - value) * 100:.1f} points"
             verdict = "met" if target["met"] else f"MISSED by {short} (reached {value / goal:.0%} of the target)"
@@ -411,7 +453,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         cpu_model=_cpu_model(), cpu_cores=available_cores(), threads=torch.get_num_threads(),
         dtype=str(dtype).removeprefix("torch."), python=platform.python_version(), platform=platform.platform(),
         torch=torch.__version__, torch_cuda=torch.version.cuda,
-        **{package: _version(package) for package in ("fastmem", "triton", "transformers", "flash-attn")})
+        # other processes' load when the report was made (1-, 5-, 15-minute averages): on a shared machine
+        # intra-op threads that share busy cores slow down many times over
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        **{package: _version(package) for package in ("fastmem", "triton", "transformers", "flash-attn", "peft")})
 
 
 def plot_sweeps(sweeps: list[dict], path: str, title: str) -> None:

@@ -1,11 +1,12 @@
 """How fast fastmem is next to what users run today, measured in the same run.
 
-    python bench/throughput.py [--only attention,decode,train,sample,loop] [--quick] [--json FILE]
+    python bench/throughput.py [--only attention,decode,train,sample,loop,real] [--quick] [--json FILE]
                                [--plot FILE.png] [--device cpu|cuda] [--reps N] [--threads N]
 
 Prints a Markdown table (every figure next to its baseline, as baseline time / fastmem time), then one
 line per target, met or missed by how much. Kernel sections (attention, decode) time one op; end-to-end
-sections (train, sample, loop; bench/learning.py) time a whole job against HF + PEFT. To add a section:
+sections (train, sample, loop; bench/learning.py) time a whole job against HF + PEFT; `real` (bench/real.py)
+does so on SmolLM2-135M-Instruct, with all threads, and judges a decode step against its roofline. To add a section:
 write ``<name>_cases(settings)`` returning `Case`s (build them with `comparison_cases`) and add a row to
 `SECTIONS`.
 """
@@ -34,6 +35,7 @@ from bench.harness import (END_TO_END, FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFIN
                            target_lines)
 from bench.learning import (LOOP_NOTE, SAMPLE_NOTE, TRAIN_NOTE, LR, loop_cases, sample_cases,  # noqa: E402
                             train_cases)
+from bench.real import real_cases, real_note, real_timing  # noqa: E402
 from fastmem.ops import backends  # noqa: E402
 
 
@@ -50,11 +52,22 @@ class Settings:
 @dataclass(frozen=True)
 class Section:
     """A part of the report: its cases and, for --plot, its scaling curves. ``end_to_end``: its calls are
-    whole jobs (one call per sample, see `timing_for`); ``note``: a line for the report."""
+    whole jobs (one call per sample, see `timing_for`); ``note``: a line for the report (or a function of
+    --quick giving it). ``timing``: its own `Timing` as a function of (--quick, --smoke), instead of
+    `timing_for`'s; ``all_threads``: an end-to-end section that runs with --threads, not --e2e-threads;
+    ``peak_memory``: whether its cases' peak memory is measured (each in a fresh process: a second run);
+    ``roofline``: its rows need the copy bandwidth (measured with the ceiling)."""
     cases: Callable[[Settings], list[Case]]
     sweeps: Callable[[Settings], list[Sweep]] | None = None
     end_to_end: bool = False
-    note: str | None = None
+    note: str | Callable[[bool], str] | None = None
+    timing: Callable[[bool, bool], Timing] | None = None
+    all_threads: bool = False
+    peak_memory: bool = True
+    roofline: bool = False
+
+    def note_for(self, quick: bool) -> str | None:
+        return self.note(quick) if callable(self.note) else self.note
 
 
 def call_with(function: Callable, arg_names: tuple[str, ...], **options) -> Callable:
@@ -104,6 +117,20 @@ def ceiling_cases(settings: Settings) -> list[Case]:
                         dict(n=size), make_inputs, 2.0 * size**3)
     return [Case(workload, "torch", FWD, lambda inputs: inputs["a"] @ inputs["b"])]
 
+
+def bandwidth_cases(settings: Settings) -> list[Case]:
+    """The machine's copy bandwidth: ``dst.copy_(src)`` of a buffer far larger than the caches, counted as
+    the bytes it reads and writes (2 x the buffer)."""
+    elements = 2**16 if settings.smoke else 2**26   # 256 MiB of fp32
+
+    def make_inputs():
+        src = torch.ones(elements, device=settings.device, dtype=torch.float32)
+        return dict(src=src, dst=torch.empty_like(src))
+
+    size = elements * 4
+    workload = Workload("bandwidth", f"copy {size / 2**20:.0f} MiB", dict(bytes=size), make_inputs,
+                        bytes_read=2.0 * size)
+    return [Case(workload, "torch", FWD, lambda inputs: inputs["dst"].copy_(inputs["src"]))]
 
 # -------------------------------------------------------------------------------------------- attention
 
@@ -270,16 +297,22 @@ def decode_cases(settings: Settings) -> list[Case]:
 # ------------------------------------------------------------------------------------------ the command
 
 CEILING = Section(ceiling_cases)
+BANDWIDTH = Section(bandwidth_cases)
 SECTIONS = {
     "attention": Section(attention_cases, attention_sweeps),
     "decode": Section(decode_cases),
     "train": Section(train_cases, end_to_end=True, note=TRAIN_NOTE.format(lr=LR)),
     "sample": Section(sample_cases, end_to_end=True, note=SAMPLE_NOTE),
     "loop": Section(loop_cases, end_to_end=True, note=LOOP_NOTE),
+    "real": Section(real_cases, end_to_end=True, note=real_note, timing=real_timing, all_threads=True,
+                    peak_memory=False, roofline=True),
 }
+DEFAULT_SECTIONS = [name for name in SECTIONS if name != "real"]
 FLOP_CONVENTION = ("GFLOP/s counts useful work only, the same for every provider: attention fwd = "
                    "4·B·Hq·D·(T·P + T(T+1)/2) (causal halving counted: each query's visible keys), decode step "
-                   "fwd = 4·B·Hq·D·(memory + prompt + cache), fwd+bwd = 3.5 × fwd; ceiling = 2n³ per matmul")
+                   "fwd = 4·B·Hq·D·(memory + prompt + cache), fwd+bwd = 3.5 × fwd; ceiling = 2n³ per matmul; "
+                   "real: 2 FLOPs per weight per token (decoder matmuls, and the head where a token predicts) + "
+                   "4·Hq·D per visible key per layer")
 
 
 def section_names(text: str) -> list[str]:
@@ -299,8 +332,10 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/throughput.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=section_names, default=list(SECTIONS), metavar="SECTIONS",
-                        help=f"comma-separated sections to run (default: all): {', '.join(SECTIONS)}")
+    parser.add_argument("--only", type=section_names, default=DEFAULT_SECTIONS, metavar="SECTIONS",
+                        help=f"comma-separated sections to run: {', '.join(SECTIONS)} (default: all but "
+                             f"{', '.join(sorted(set(SECTIONS) - set(DEFAULT_SECTIONS)))}, which needs the real "
+                             "model of scripts/real_model.py and runs minutes)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer warm-ups, samples and sweep points (about 2 minutes on 2 CPU cores)")
     parser.add_argument("--smoke", action="store_true",
@@ -336,7 +371,7 @@ def timing_for(args: argparse.Namespace, end_to_end: bool = False) -> Timing:
 
 
 def find_case(settings: Settings, case_id: str) -> Case:
-    section = {"ceiling": CEILING, **SECTIONS}.get(case_id.split(":")[0])
+    section = {"ceiling": CEILING, "bandwidth": BANDWIDTH, **SECTIONS}.get(case_id.split(":")[0])
     for case in section.cases(settings) if section else ():
         if case.id == case_id:
             return case
@@ -362,23 +397,41 @@ def end_to_end_threads(args: argparse.Namespace) -> int:
     return args.e2e_threads if args.device == "cpu" else args.threads
 
 
+def section_threads(args: argparse.Namespace, section: Section) -> int:
+    return end_to_end_threads(args) if section.end_to_end and not section.all_threads else args.threads
+
+
+def section_timing(args: argparse.Namespace, section: Section) -> Timing:
+    if section.timing is not None:
+        timing = section.timing(args.quick, args.smoke)
+        return replace(timing, reps=args.reps) if args.reps else timing
+    return timing_for(args, end_to_end=section.end_to_end)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> dict:
     """Measures the ceiling and the requested sections (and their sweeps with --plot): the report."""
     timing, end_to_end_timing = timing_for(args), timing_for(args, end_to_end=True)
-    sections = {"ceiling": CEILING, **{name: SECTIONS[name] for name in args.only}}
-    measurements = []
+    roofline = any(SECTIONS[name].roofline for name in args.only)
+    sections = {"ceiling": CEILING, **({"bandwidth": BANDWIDTH} if roofline else {}),
+                **{name: SECTIONS[name] for name in args.only}}
+    measurements, timings = [], {}
     for name, section in sections.items():
         cases = section.cases(settings)
-        section_timing = end_to_end_timing if section.end_to_end else timing
-        progress(f"{name}: timing {len(cases)} cases, {section_timing.reps} samples each")
-        torch.set_num_threads(end_to_end_threads(args) if section.end_to_end else args.threads)
-        measurements += measure(cases, section_timing, settings.device)
+        timings[name] = section_timing(args, section)
+        progress(f"{name}: timing {len(cases)} cases, {timings[name].reps} samples each")
+        torch.set_num_threads(section_threads(args, section))
+        measurements += measure(cases, timings[name], settings.device)
     torch.set_num_threads(args.threads)
     if not args.smoke:
-        progress(f"peak memory of {len(measurements)} cases")
-        measure_peak_memory(measurements, settings.device, lambda case_ids: memory_command(args, case_ids))
+        measured = [m for m in measurements if sections[m.case.workload.section].peak_memory]
+        progress(f"peak memory of {len(measured)} cases")
+        measure_peak_memory(measured, settings.device, lambda case_ids: memory_command(args, case_ids))
     ceiling = measurements[0]
     ceiling_flops_per_s = ceiling.case.flops / (quantiles_ms(ceiling.samples_s)[1] / 1e3)
+    bandwidth_bytes_per_s = None
+    if roofline:
+        copy = measurements[1]
+        bandwidth_bytes_per_s = copy.case.workload.bytes_read / (quantiles_ms(copy.samples_s)[1] / 1e3)
     sweeps = [sweep for section in sections.values() if args.plot and section.sweeps
               for sweep in section.sweeps(settings)]
     if sweeps:
@@ -390,10 +443,14 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
     return dict(
         environment=env, sections=args.only, timing=asdict(timing),
         end_to_end_timing=dict(asdict(end_to_end_timing), threads=end_to_end_threads(args)),
-        notes={name: SECTIONS[name].note for name in args.only if SECTIONS[name].note}, smoke=args.smoke,
-        quick=args.quick,
+        section_timing={name: dict(asdict(timings[name]), threads=section_threads(args, SECTIONS[name]))
+                        for name in args.only if SECTIONS[name].timing or SECTIONS[name].all_threads},
+        notes={name: SECTIONS[name].note_for(args.quick) for name in args.only if SECTIONS[name].note},
+        smoke=args.smoke, quick=args.quick,
         conventions=dict(flops=FLOP_CONVENTION, peak_memory=PEAK_MEMORY_DEFINITION if not args.smoke else None),
-        ceiling_gflops_per_s=ceiling_flops_per_s / 1e9, rows=report_rows(measurements, ceiling_flops_per_s),
+        ceiling_gflops_per_s=ceiling_flops_per_s / 1e9,
+        copy_bandwidth_gb_per_s=bandwidth_bytes_per_s and bandwidth_bytes_per_s / 1e9,
+        rows=report_rows(measurements, ceiling_flops_per_s, bandwidth_bytes_per_s),
         sweeps=[dict(title=sweep.title, x_label=sweep.x_label,
                      points=[dict(x=x, rows=report_rows(point, ceiling_flops_per_s))
                              for (x, _), point in zip(sweep.points, points)])
@@ -404,7 +461,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
 def render(report: dict) -> str:
     """The Markdown report: a header, the table, one line per target, notes."""
     env, timing, rows = report["environment"], report["timing"], report["rows"]
-    end_to_end = [name for name in report["sections"] if SECTIONS[name].end_to_end]
+    end_to_end = [name for name in report["sections"] if SECTIONS[name].end_to_end
+                  and name not in report.get("section_timing", {})]
     lines = [f"fastmem throughput: {env['device_name']} ({env['device']}), {env['dtype']}, {env['threads']} "
              f"threads, torch {env['torch']}, {env['date']}; auto backend: {env['auto_backend']}",
              f"timing: median and p20–p80 of {timing['reps']} samples per case after one checked call and "
@@ -414,6 +472,13 @@ def render(report: dict) -> str:
                 f"thread(s), {report['end_to_end_timing']['reps']} samples of one call each, after one checked "
                 f"call and {report['end_to_end_timing']['warmup']} warm-up call(s); rate = work per call / "
                 "median time"] if end_to_end else []),
+             *[f"{name} section: {t['threads']} thread(s), {t['reps']} sample(s) of one call each"
+               f"{' (the checked first call counts as one)' if t['time_first_call'] else ''}; rate = work per "
+               "call / median time" for name, t in report.get("section_timing", {}).items()],
+             *([f"matmul ceiling {report['ceiling_gflops_per_s']:.1f} GFLOP/s, copy bandwidth "
+                f"{report['copy_bandwidth_gb_per_s']:.1f} GB/s (read + write), measured in this run; load "
+                f"average {', '.join(f'{x:.1f}' for x in env.get('load_average') or [])}"]
+               if report.get("copy_bandwidth_gb_per_s") else []),
              *(["SMOKE RUN: tiny shapes, to check the code paths; its times mean nothing"]
                if report["smoke"] else []), "",
              markdown_table(rows), "", "Targets (judged on the backend auto picks):",

@@ -18,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not part of the installed package
 
-from bench import learning, throughput  # noqa: E402
+from bench import learning, real, throughput  # noqa: E402
 from bench.baselines import (concat_cache_decode, mean_hidden_state, peft_online_loop,  # noqa: E402
                              peft_prefix_attention, prompt_weight, trace_batch)
 from bench.harness import CPU_PEAK_SUPPORTED, PEAK_RSS_ENV  # noqa: E402
@@ -93,6 +93,62 @@ def test_smoke_run_reports_every_row(tmp_path):
     for sweep in report["sweeps"]:
         for point in sweep["points"]:
             assert {row["provider"] for row in point["rows"]} == {"PEFT way", auto}
+
+
+def test_real_section_smoke_reports_every_row_and_target(tmp_path):
+    """`--only real --smoke` (on the shipped tiny model, never the real one): the ceiling and copy-bandwidth
+    probes, the decode steps judged against their roofline, sample against both baselines, train with its
+    utilization, the loop; every target line; the section's own threads and timing."""
+    json_path = tmp_path / "report.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        throughput.main(["--smoke", "--only", "real", "--device", "cpu", "--threads", "1", "--json", str(json_path)])
+    report, table = json.loads(json_path.read_text()), stdout.getvalue()
+    rows = report["rows"]
+    assert [(row["section"], row["provider"]) for row in rows] == [
+        ("ceiling", "torch"), ("bandwidth", "torch"),
+        ("real", real.FASTMEM_DECODE), ("real", real.FASTMEM_DECODE),
+        ("real", real.PEFT_SAMPLE), ("real", real.BATCH_SAMPLE), ("real", real.FASTMEM_SAMPLE),
+        ("real", "PEFT prefix tuning (one problem at a time)"), ("real", "fastmem MemoryTrainer"),
+        ("real", "HF + PEFT prefix tuning loop (one problem at a time)"), ("real", "fastmem OnlineLearner")]
+    assert all(row["shape"]["model"]["name"] == "default model (Llama 128x3, 0.45M)" for row in rows[2:])
+    assert report["copy_bandwidth_gb_per_s"] > 0 and report["ceiling_gflops_per_s"] > 0
+    decode = [row for row in rows if row["provider"] == real.FASTMEM_DECODE]
+    assert [row["shape"]["rows"] for row in decode] == list(real.SMOKE.decode_rows)
+    for row in decode:
+        bound_ms = max(row["bytes_read"] / report["copy_bandwidth_gb_per_s"] / 1e6,
+                       row["flops"] / report["ceiling_gflops_per_s"] / 1e6)
+        assert row["bound_ms"] == pytest.approx(bound_ms)
+        assert row["roofline_fraction"] == pytest.approx(bound_ms / row["median_ms"])
+        assert [t["metric"] for t in row["targets"]] == ["roofline"]
+    sample = {row["provider"]: row for row in rows if row["case"].startswith("sample")}
+    fastmem_sample = sample[real.FASTMEM_SAMPLE]
+    assert fastmem_sample["baseline"] == real.PEFT_SAMPLE
+    assert [(t["metric"], t["against"]) for t in fastmem_sample["targets"]] == [
+        ("speedup", None), ("speedup", real.BATCH_SAMPLE)]
+    assert fastmem_sample["targets"][1]["value"] == pytest.approx(
+        sample[real.BATCH_SAMPLE]["median_ms"] / fastmem_sample["median_ms"])
+    train = next(row for row in rows if row["provider"] == "fastmem MemoryTrainer")
+    assert [t["metric"] for t in train["targets"]] == ["speedup", "ceiling"] and train["flops"] > 0
+    summary = [line for line in table.splitlines() if line.startswith("- real /") and "; target >=" in line]
+    assert len(summary) == 2 + 2 + 2 + 1
+    assert "MISSED" in table or "met" in table
+    assert report["section_timing"]["real"]["threads"] == 1 and f"- {report['notes']['real']}." in table
+    assert "copy bandwidth" in table and "% of roofline" in table
+
+
+def test_real_flop_count_of_a_token():
+    """`ModelCounts` of a tiny Llama: its decoder's linear weights, its head, every parameter's bytes once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    counts = real.ModelCounts.of(LlamaForCausalLM(config))
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+    assert (counts.linear, counts.head, counts.layers, counts.kv_heads, counts.head_dim) == (2 * per_layer, 6400, 2, 2, 16)
+    assert counts.weight_bytes == 4 * (2 * per_layer + 6400 + 2 * 2 * 64 + 64)   # tied head counted once; norms
+    assert counts.token_flops(10) == 2 * (2 * per_layer + 6400) + 4 * 4 * 16 * 10 * 2
+    assert counts.kv_bytes(3) == 2 * 3 * 2 * 2 * 16 * 4
 
 
 def _float64_leaves(*shapes, seed=0):
@@ -219,7 +275,7 @@ def test_unknown_section_is_a_clear_error(capsys):
         throughput.main(["--only", "attention,bogus"])
     assert exit_info.value.code != 0
     error = capsys.readouterr().err
-    assert "'bogus'" in error and "sections: attention, decode, train, sample, loop" in error
+    assert "'bogus'" in error and "sections: attention, decode, train, sample, loop, real" in error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gives")
