@@ -163,8 +163,8 @@ def _visible_keys(mask, batch: int, q_len: int, k_len: int) -> Tensor:
         raise TypeError(f"memory injection needs a dense attention mask (sdpa, eager or flash attention); got "
                         f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
     if mask.dim() == 2:
-        own = torch.arange(k_len, device=mask.device) <= (torch.arange(q_len, device=mask.device) + k_len - q_len)[:, None]
-        return mask.bool()[:, None, :] & own
+        own_position = torch.arange(q_len, device=mask.device) + k_len - q_len
+        return mask.bool()[:, None, :] & (torch.arange(k_len, device=mask.device) <= own_position[:, None])
     visible = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
     if visible.shape[-2:] != (q_len, k_len):
         raise ValueError(f"the attention mask a layer got, {tuple(mask.shape)}, does not match its {q_len} queries "
@@ -173,14 +173,12 @@ def _visible_keys(mask, batch: int, q_len: int, k_len: int) -> Tensor:
 
 
 def key_layout(mask, batch: int, q_len: int, k_len: int, row_lengths: Tensor) -> KeyLayout:
-    """The `KeyLayout` of a layer handed ``mask`` (see `_visible_keys`; None = plain causal over every key)
-    with ``q_len`` queries and ``k_len`` keys, for rows with ``row_lengths [B]`` memory positions.
+    """The `KeyLayout` of a layer handed ``mask`` (see `_visible_keys`) with ``q_len`` queries and ``k_len``
+    keys, for rows with ``row_lengths [B]`` memory positions.
 
     A query is real when it sees its own key (left and right padding queries do not). Own key of query i:
     ``i + used - Tq``, where ``used`` is the largest ``last visible key - i + Tq`` over queries: every cache
     layer hands keys in position order, so this is how many hold tokens. One host sync."""
-    if mask is None:
-        return KeyLayout(k_len, None, int(row_lengths.max()) + k_len, False)
     visible = _visible_keys(mask, batch, q_len, k_len)
     device = visible.device
     keys, queries = torch.arange(k_len, device=device), torch.arange(q_len, device=device)
@@ -248,7 +246,10 @@ class InjectionContext:
         return cls(memory, row_lengths, max(per_row), memory_rows, plain_rows, _needs_grad(tensors))
 
     def layout(self, mask, batch: int, q_len: int, k_len: int) -> KeyLayout:
-        """`key_layout` of a layer's mask, computed once per distinct mask object in this forward."""
+        """`key_layout` of a layer's mask, computed once per distinct mask object in this forward; without a
+        mask (plain causal attention over every key) no host sync at all."""
+        if mask is None:
+            return KeyLayout(k_len, None, self.longest_memory + k_len, False)
         key = (id(mask), q_len, k_len)
         if key not in self.layouts:
             self.layouts[key] = (mask, key_layout(mask, batch, q_len, k_len, self.row_lengths))
