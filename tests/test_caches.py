@@ -92,6 +92,22 @@ def test_generate_under_each_cache_equals_rows_alone(arch, cache, kind):
         assert torch.equal(generated[b:b + 1], expected), f"row {b}"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_static_cache_without_padding_equals_uncached(arch, kind):
+    """Unpadded rows (one row; two of equal length): the layers get no mask at the static cache's prefill, so the
+    keys past the prompt are the buffer's unfilled slots, which must stay invisible."""
+    extra = {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]} if arch == "gemma3_text" else {}
+    model = tiny(arch, sliding_window=16, **extra)
+    bank = bank_for(model, kind)
+    for lengths, index in (([3], torch.tensor([0])), ([3, 3], torch.tensor([1, 0]))):
+        ids, mask, _, rows = make_batch(lengths)
+        with inject(model, bank, index):
+            generated = generate(model, ids, mask, cache_implementation="static")
+        for b, expected in enumerate(rows_alone(model, bank, index, rows)):
+            assert torch.equal(generated[b:b + 1], expected), f"{lengths} row {b}"
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_sliding_window_without_memory_equals_unpatched(cache):
     """Mistral, window 3, rows of 2 and 1 tokens, no memory: past the window the patched model must still be the

@@ -247,9 +247,12 @@ class InjectionContext:
 
     def layout(self, mask, batch: int, q_len: int, k_len: int) -> KeyLayout:
         """`key_layout` of a layer's mask, computed once per distinct mask object in this forward; without a
-        mask (plain causal attention over every key) no host sync at all."""
+        mask no host sync at all: no mask means SDPA's ``is_causal``, aligned top-left, so with several queries
+        only the first ``Tq`` keys hold tokens (an unpadded prefill into a static cache hands the whole
+        buffer without a mask), and one query sees every key."""
         if mask is None:
-            return KeyLayout(k_len, None, self.longest_memory + k_len, False)
+            used = k_len if q_len == 1 else min(q_len, k_len)
+            return KeyLayout(used, None, self.longest_memory + used, False)
         key = (id(mask), q_len, k_len)
         if key not in self.layouts:
             self.layouts[key] = (mask, key_layout(mask, batch, q_len, k_len, self.row_lengths))
@@ -274,7 +277,9 @@ class InjectionContext:
                              f"sliding window of {window}")
         if layout.mismatched:
             raise ValueError(f"layer {module.layer_idx}'s attention mask does not give a row with memory one run "
-                             "of keys ending at each query (packed sequences or a custom 4-D mask)")
+                             "of keys ending at each query: a key masked inside the row (packed sequences, a custom "
+                             "4-D mask, or generate's mask inferred from a pad token that also occurs in the prompt: "
+                             "pass attention_mask)")
         rows, index, key_start = self.memory_rows, self.memory.index, layout.key_start
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         if key_start is not None:
