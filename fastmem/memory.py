@@ -111,7 +111,8 @@ class MemoryBank(nn.Module):
         return tuple(v for t in (*self.parameters(), self.lengths) for v in (t.data_ptr(), t._version))
 
     def validate(self, model) -> None:
-        """ValueError unless the bank fits ``model`` (shape, device) and every value is finite."""
+        """ValueError unless the bank fits ``model`` (shape, device), every slot length lies in [0, length]
+        and every value is finite."""
         mismatches = self.model_shape.mismatches(model_shape(model))
         if mismatches:
             raise ValueError(f"this {self.kind} bank was made for another model ({'; '.join(mismatches)}; "
@@ -121,6 +122,10 @@ class MemoryBank(nn.Module):
                              "move it with bank.to(model.device)")
         if self._checked_version == self.version():
             return
+        bad_lengths = ((self.lengths < 0) | (self.lengths > self.length)).nonzero().flatten().tolist()
+        if bad_lengths:
+            raise ValueError(f"memory slots {bad_lengths} have lengths {self.lengths[bad_lengths].tolist()}, outside "
+                             f"[0, {self.length}] (the bank's positions per slot)")
         nonfinite = [(~torch.isfinite(p)).movedim(self.SLOT_DIM, 0).flatten(1).any(dim=1) for p in self.parameters()]
         bad_slots = torch.stack(nonfinite).any(dim=0).nonzero().flatten().tolist()
         if bad_slots:

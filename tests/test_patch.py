@@ -349,6 +349,9 @@ def test_bad_input_is_refused_before_any_computation():
     with pytest.raises(IndexError, match=r"slots \[2\]"):
         with inject(model, bank, torch.tensor([0, 2])):
             pass
+    with pytest.raises(ValueError, match=r"B, M >= 1"):
+        with inject(model, bank, torch.zeros(2, 0, dtype=torch.long)):
+            pass
     with pytest.raises(TypeError, match="integer"):
         with inject(model, bank, torch.tensor([0.0, 1.0])):
             pass
@@ -357,6 +360,11 @@ def test_bad_input_is_refused_before_any_computation():
     with pytest.raises(ValueError, match="another model"):
         with inject(model, MemoryBank.prefixes(patch(make_wider_llama()), slots=2, length=3), torch.tensor([0, 1])):
             pass
+    bank.lengths[0] = 4                      # a soft-prompt slot longer than the bank would read slot 1
+    with pytest.raises(ValueError, match=r"slots \[0\] have lengths \[4\], outside \[0, 3\]"):
+        with inject(model, bank, torch.tensor([0, 1])):
+            pass
+    bank.lengths[0] = 3
     with torch.no_grad():
         bank.embeddings[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"slots \[1\] hold non-finite"):

@@ -500,8 +500,8 @@ def checked_index(index, num_slots: int, device) -> Tensor:
             or index.dtype == torch.bool:
         raise TypeError(f"index must be an integer tensor [B] or [B, M]; got {type(index).__name__} "
                         f"{getattr(index, 'dtype', '')}")
-    if index.dim() not in (1, 2) or index.shape[0] == 0:
-        raise ValueError(f"index must be [B] or [B, M] with B >= 1; got shape {tuple(index.shape)}")
+    if index.dim() not in (1, 2) or index.shape[0] == 0 or index.shape[-1] == 0:
+        raise ValueError(f"index must be [B] or [B, M] with B, M >= 1; got shape {tuple(index.shape)}")
     index = (index[:, None] if index.dim() == 1 else index).to(device=device, dtype=torch.long)
     if index.numel() and (int(index.min()) < -1 or int(index.max()) >= num_slots):
         bad = sorted({v for v in index.flatten().tolist() if not -1 <= v < num_slots})
