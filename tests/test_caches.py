@@ -27,11 +27,9 @@ NEW_TOKENS = 4
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers offloads caches with CUDA streams")
 
 
-def tiny(arch: str, seed: int = 0, **overrides):
-    """A frozen, patched tiny random model of ``arch`` (SDPA) with config overrides."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, **{**TINY, **overrides})
-    return patch(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().requires_grad_(False))
+def tiny(arch: str, **overrides):
+    """`make_model` with config overrides, patched."""
+    return patch(make_model(arch, **overrides))
 
 
 def generate(model, ids, mask, **kwargs):
@@ -81,8 +79,7 @@ def test_generate_under_each_cache_equals_rows_alone(arch, cache, kind):
     """Left-padded rows with distinct, shorter and no memory: greedy `generate` under the cache equals each
     row's uncached recomputation alone. Mistral's window (16) covers every row here; Gemma 3 has a sliding
     and a full layer (a hybrid cache)."""
-    extra = {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]} if arch == "gemma3_text" else {}
-    model = tiny(arch, sliding_window=16, **extra)
+    model = tiny(arch, sliding_window=16)
     bank = bank_for(model, kind)
     index = torch.tensor([0, -1, 1])
     ids, mask, _, rows = make_batch([2, 3, 1])
@@ -97,8 +94,7 @@ def test_generate_under_each_cache_equals_rows_alone(arch, cache, kind):
 def test_static_cache_without_padding_equals_uncached(arch, kind):
     """Unpadded rows (one row; two of equal length): the layers get no mask at the static cache's prefill, so the
     keys past the prompt are the buffer's unfilled slots, which must stay invisible."""
-    extra = {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]} if arch == "gemma3_text" else {}
-    model = tiny(arch, sliding_window=16, **extra)
+    model = tiny(arch, sliding_window=16)
     bank = bank_for(model, kind)
     for lengths, index in (([3], torch.tensor([0])), ([3, 3], torch.tensor([1, 0]))):
         ids, mask, _, rows = make_batch(lengths)

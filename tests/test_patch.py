@@ -33,10 +33,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureW
 
 
 
-def make_model(arch: str, seed: int = 0):
-    """A frozen tiny random model in eval mode, SDPA attention."""
+def make_model(arch: str, seed: int = 0, **overrides):
+    """A frozen tiny random model in eval mode, SDPA attention; ``overrides`` replace config fields."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, **TINY, **EXTRA.get(arch, {}))
+    config = AutoConfig.for_model(arch, **{**TINY, **EXTRA.get(arch, {}), **overrides})
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     return model.requires_grad_(False)
 

@@ -437,8 +437,11 @@ class _Injection:
                                                                or kwargs.get("labels") is not None):
             raise ValueError("with memory, a forward given a prepared (4-D or per-layer) attention_mask needs "
                              "explicit position_ids and no labels; pass the 2-D padding mask instead")
-        past = flat_mask.shape[1] - new if flat_mask is not None else int(cache.get_seq_length()) if cache is not None else 0
-        first_token = _key_start(flat_mask, batch, new) - past if flat_mask is not None else None
+        if flat_mask is not None:
+            past = flat_mask.shape[1] - new
+            first_token = _key_start(flat_mask, batch, new) - past
+        else:
+            past, first_token = (int(cache.get_seq_length()) if cache is not None else 0), None
         if attention_mask is None and past == 0 and kwargs.get("position_ids") is not None and bool(
                 (kwargs["position_ids"].diff(dim=-1) != 1).any()):
             raise ValueError("packed sequences (position_ids restarting inside a row) are not supported with memory")
@@ -465,10 +468,11 @@ class _Injection:
         """The model's own loss, with each row's first real token predicted as if the row ran alone.
 
         logits ``[B, T, V]``, labels ``[B, T]`` (the new tokens), first_token ``[B]`` (each row's first real
-        token, counted from the first new one: negative when it is cached; None = 0). Position t predicts ``labels[:, t + 1]`` as usual, except for each row's
-        first real token (``labels[b, first_token[b]]``): the last memory position predicts it for soft prompts (as in
-        PEFT's prompt tuning); nothing does for prefixes or rows without memory (as in PEFT's prefix
-        tuning and a plain model). So left padding never predicts a real token.
+        token, counted from the first new one: negative when it is cached; None = 0). Position t predicts
+        ``labels[:, t + 1]`` as usual, except for each row's first real token (``labels[b, first_token[b]]``):
+        the last memory position predicts it for soft prompts (as in PEFT's prompt tuning); nothing does for
+        prefixes or rows without memory (as in PEFT's prefix tuning and a plain model). So left padding never
+        predicts a real token.
         """
         batch, length = labels.shape
         starts = first_token if first_token is not None else labels.new_zeros(batch)

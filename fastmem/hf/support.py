@@ -43,11 +43,7 @@ where the choice changes, and refuses it beyond with an error that says why.
 from __future__ import annotations
 
 from torch import nn
-
-try:
-    from transformers.cache_utils import Cache
-except ImportError:  # pragma: no cover - every supported transformers has it
-    Cache = ()
+from transformers.cache_utils import Cache
 
 HANDLED_CACHE_LAYERS = frozenset({
     "DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer", "SlidingWindowLayer",
