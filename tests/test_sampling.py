@@ -10,7 +10,7 @@ import torch
 from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank
 
 from fastmem import inject, patch
-from fastmem.sampling import _LockstepDecoder, filtered_probs, sample
+from fastmem.sampling import _LockstepDecoder, _next_tokens, filtered_probs, sample
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -201,6 +201,22 @@ def test_filtered_distribution_equals_reference_and_transformers(temperature, to
     if top_k:
         assert bool((support <= top_k).all())
     assert bool((support >= 1).all())
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k, min_p", SETTINGS[:5])
+def test_drawn_tokens_follow_the_filtered_distribution(temperature, top_p, top_k, min_p):
+    """200,000 draws from one row of logits: every token's frequency within 5 standard errors of the
+    reference probability, no token outside the support, log-probabilities those of the unfiltered model."""
+    draws = 200_000
+    logits = torch.randn(1, 24, generator=torch.Generator().manual_seed(11)) * 2
+    expected = reference_filtered_probs(logits, temperature, top_p, top_k, min_p)[0]
+    tokens, logprobs = _next_tokens(logits.expand(draws, -1), temperature, top_p,
+                                    torch.Generator().manual_seed(0), top_k, min_p)
+    frequency = torch.bincount(tokens, minlength=logits.shape[1]).double() / draws
+    assert bool((frequency[expected == 0] == 0).all())
+    standard_error = (expected * (1 - expected) / draws).sqrt()
+    assert bool(((frequency - expected).abs() <= 5 * standard_error + 1e-12).all()), (frequency - expected).abs().max()
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1)[0, tokens], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("filters", [dict(top_k=1), dict(min_p=0.999), dict(top_k=4, top_p=1e-6)])
