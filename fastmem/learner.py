@@ -61,6 +61,8 @@ class Result:
     consolidation it may have been merged into another entry, which lists it under ``merged``).
     retrieved: store ids the new memory started from; used_memory: whether samples drew on it.
     samples / answers: every sample's text and extracted answer (memory samples first, then control).
+    resampled: with ``resample=True``, the extracted answers of the ``n`` samples drawn after training with
+    this question's own trained memory (what distillation achieved on it); else empty.
     """
     question: str
     answer: str | None
@@ -71,6 +73,7 @@ class Result:
     samples: list[str]
     answers: list[str | None]
     memory_samples: int = field(default=0)
+    resampled: list[str | None] = field(default_factory=list)
 
 
 class OnlineLearner:
@@ -207,9 +210,11 @@ class OnlineLearner:
         signal = [trains_on(row, self.objective) for row in all_rewards]
         for _ in range(self.steps if any(signal) else 0):
             trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
+        resampled = [[] for _ in questions]
         if self.resample:
             fresh = self._sample(prompts, bank, torch.arange(len(questions)), self.n, seed + 2)
-            votes = [majority_vote([self.extract_answer(s.text) for s in row], self.equivalent) for row in fresh]
+            resampled = [[self.extract_answer(s.text) for s in row] for row in fresh]
+            votes = [majority_vote(row, self.equivalent) for row in resampled]
 
         batch = _Batch(questions, prompts, keys, traces, rewards, votes, signal, replayed)
         memory_ids = self._store(batch, bank, plans)
@@ -219,9 +224,9 @@ class OnlineLearner:
             self.store.consolidate(self.consolidate_threshold)
         return [Result(question=q, answer=vote.answer, vote_share=vote.share, memory_id=memory_id,
                        retrieved=plan.retrieved, used_memory=plan.use, samples=[s.text for s in row],
-                       answers=row_answers, memory_samples=self.n - self.control)
-                for q, vote, memory_id, plan, row, row_answers
-                in zip(questions, votes, memory_ids, plans, samples, answers)]
+                       answers=row_answers, memory_samples=self.n - self.control, resampled=row_resampled)
+                for q, vote, memory_id, plan, row, row_answers, row_resampled
+                in zip(questions, votes, memory_ids, plans, samples, answers, resampled)]
 
     def _sample(self, prompts, bank, index, n, seed):
         kwargs = dict(bank=bank, index=index) if bank is not None and bool((index >= 0).any()) else {}
