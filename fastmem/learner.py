@@ -36,6 +36,7 @@ answer (``resample=True``: the majority of ``n`` new samples drawn with the trai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -48,7 +49,9 @@ from fastmem.store import MemoryStore
 from fastmem.training import MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
-KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
+# a fresh prefix starts as the keys and values of random tokens: PEFT's N(0, 1) start wrecks a real model's
+# predictions before any training (MemoryBank.prefixes)
+KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": partial(MemoryBank.prefixes, init="tokens")}
 GRANULARITIES = ("problem", "cluster")
 
 
