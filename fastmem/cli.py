@@ -229,12 +229,15 @@ def mean_and_interval(values: list[float]) -> tuple[float, float]:
 def run(args) -> dict:
     from fastmem.learner import OnlineLearner
     from fastmem.models import ModelLoadError, load_model
-    from fastmem.store import MemoryStore
+    from fastmem.store import MemoryStore, StoreLockedError
 
     check_run_args(args)
     problems = read_questions(args)
-    store = MemoryStore.load(args.store) if args.resume and args.store and (Path(args.store) / "store.json").exists() \
-        else MemoryStore(args.store)
+    try:
+        store = MemoryStore.load(args.store) if args.resume and args.store and MemoryStore.exists(args.store) \
+            else MemoryStore(args.store)
+    except StoreLockedError as error:
+        _fail(f"--store: {error}")
     out_path = Path(args.out) if args.out else None
     done = _read_done(out_path) if args.resume else []
     if out_path is not None:
