@@ -279,6 +279,7 @@ def run(args) -> dict:
     except KeyboardInterrupt:
         if args.store:
             store.save()
+        store.close()   # releases the store's lock now, not when the traceback goes
         print(f"\ninterrupted after {len(records)} problems; store saved"
               + (f" to {args.store}; continue with --resume" if args.store else ""), file=sys.stderr)
         raise SystemExit(130)
@@ -286,6 +287,7 @@ def run(args) -> dict:
     summary = {"problems": len(records), "problems_per_s": (len(records) - len(done)) / max(elapsed, 1e-9)}
     if not args.no_baselines and all(p["answer"] is not None for p in problems):
         summary.update(compare(learner, problems, records, args))
+    store.close()
     print_summary(summary, args)
     return summary
 
