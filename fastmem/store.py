@@ -185,20 +185,21 @@ class MemoryStore:
     def _load_ram(self) -> None:
         """The keys index, ids, hits, vote shares and eviction heap, from the database."""
         dim = self._state["key_dim"]
-        ids, keys, hits, shares, unsettled = [], [], [], [], set()
-        for entry_id, key, key_crc, entry_hits, share, settled in self._db.execute(
-                "SELECT id, key, key_crc, hits, vote_share, settled FROM entries ORDER BY id"):
-            if zlib.crc32(key) != key_crc or len(key) != 4 * dim:
-                raise ValueError(f"{self._file()}: the key of entry {entry_id} is damaged (checksum or size)")
-            ids.append(entry_id), keys.append(key), hits.append(entry_hits), shares.append(share)
-            if not settled:
-                unsettled.add(entry_id)
+        self._index = _KeyIndex(dim, min(self._state["capacity"], 1024))
+        ids, hits, shares, unsettled = [], [], [], set()
+        rows = self._db.execute("SELECT id, key, key_crc, hits, vote_share, settled FROM entries ORDER BY id")
+        while chunk := rows.fetchmany(4096):   # keys go into the index a chunk at a time: no second copy of all
+            for entry_id, key, key_crc, entry_hits, share, settled in chunk:
+                if zlib.crc32(key) != key_crc or len(key) != 4 * dim:
+                    raise ValueError(f"{self._file()}: the key of entry {entry_id} is damaged (checksum or size)")
+                ids.append(entry_id), hits.append(entry_hits), shares.append(share)
+                if not settled:
+                    unsettled.add(entry_id)
+            keys = torch.frombuffer(bytearray(b"".join(row[1] for row in chunk)), dtype=torch.float32)
+            self._index.extend(ids[-len(chunk):], keys.view(-1, dim))
         memories = self._db.execute("SELECT count(*) FROM memories").fetchone()[0]
         if memories != len(ids):
             raise ValueError(f"{self._file()}: {len(ids)} entries but {memories} memories: damaged")
-        self._index = _KeyIndex(dim, min(self._state["capacity"], 1024))
-        if ids:
-            self._index.extend(ids, torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.float32).view(-1, dim))
         self._hits = dict(zip(ids, hits))
         self._shares = dict(zip(ids, shares))
         self._heap = [(h, s, i) for i, h, s in zip(ids, hits, shares)]
@@ -491,11 +492,10 @@ class MemoryStore:
             raise ValueError(f"memory shape {tuple(memory.shape)} differs from the store's {self.memory_shape}")
         if memory.dtype not in MEMORY_DTYPES.values():
             raise ValueError(f"memory dtype {memory.dtype} is not one of {', '.join(MEMORY_DTYPES)}")
-        if not torch.isfinite(memory).all():
-            raise ValueError("memory holds non-finite values; refusing to store it")
         stored = memory.detach().to("cpu", self.memory_dtype or memory.dtype).contiguous().reshape(-1)
-        if not torch.isfinite(stored).all():
-            raise ValueError(f"memory overflows the store's dtype {self.memory_dtype}; refusing to store it")
+        if not torch.isfinite(stored).all():   # checked once, after the cast: catches overflow to fp16 too
+            raise ValueError(f"memory holds non-finite values (in the store's dtype {stored.dtype}); refusing to "
+                             "store it")
         return stored.view(torch.uint8).numpy().tobytes()
 
     # -- persistence ----------------------------------------------------------------------------------
