@@ -470,3 +470,14 @@ def test_bad_input_leaves_store_unchanged(tmp_path, call, error):
         assert all(torch.equal(memory, loaded.get(i)[0]) and meta == loaded.get(i)[1]
                    for i, (memory, meta) in enumerate(before))
         assert all(torch.equal(loaded.key(i), keys[i]) for i in range(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_memories_are_refused_in_every_dtype(dtype):
+    store = MemoryStore(dtype=torch.float16 if dtype == torch.float32 else None)
+    memory = torch.randn(3, 4, dtype=dtype)
+    store.add(torch.randn(8), memory)
+    for bad in (float("inf"), float("-inf"), float("nan")) + ((1e6,) if dtype == torch.float32 else ()):
+        with pytest.raises(ValueError, match="non-finite"):   # 1e6 overflows the store's fp16
+            store.add(torch.randn(8), memory.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(bad, dtype=dtype)))
+    assert len(store) == 1
