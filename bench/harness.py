@@ -310,7 +310,7 @@ def measure_peak_memory(measurements: list[Measurement], device: torch.device,
             measurement.peak_bytes = int(peak)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(peaks_of, [measurements[0::2], measurements[1::2]]))
+        list(pool.map(peaks_of, [part for part in (measurements[0::2], measurements[1::2]) if part]))
 
 
 def quantiles_ms(samples_s: list[float]) -> tuple[float, float, float]:
@@ -411,13 +411,17 @@ def target_lines(rows: list[dict]) -> list[str]:
                 if row["rate_per_s"] is not None:
                     reached += (f" ({_number(row['rate_per_s'])} vs {_number(row['rate_per_s'] / value)} "
                                 f"{row['rate_unit']}/s)")
+            elif target["metric"] == "limit":   # an absolute bound (bench/store.py): at most at_most
+                reached = f"{target['label']} {value:.3g} {target['unit']}"
+                short = f"{value - target['at_most']:.3g} {target['unit']}"
             elif target["metric"] == "roofline":
                 reached = (f"{value:.1%} of its roofline bound ({_number(row['bound_ms'])} ms: max(bytes / copy "
                            f"bandwidth, FLOPs / matmul ceiling))")
                 short = f"{(goal - value) * 100:.1f} points"
             else:
                 reached, short = f"{value:.1%} of the matmul ceiling", f"{(goal - value) * 100:.1f} points"
-            verdict = "met" if target["met"] else f"MISSED by {short} (reached {value / goal:.0%} of the target)"
+            verdict = "met" if target["met"] else f"MISSED by {short}" + (
+                f" (reached {value / goal:.0%} of the target)" if goal else "")
             lines.append(f"- {row['section']} / {row['case']} / {row['mode']}, {row['provider']}: {reached}; "
                          f"target {target['target']}: {verdict}")
     return lines

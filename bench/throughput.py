@@ -1,12 +1,14 @@
 """How fast fastmem is next to what users run today, measured in the same run.
 
-    python bench/throughput.py [--only attention,decode,train,sample,loop,real] [--quick] [--json FILE]
+    python bench/throughput.py [--only attention,decode,train,sample,loop,real,store] [--quick] [--json FILE]
                                [--plot FILE.png] [--device cpu|cuda] [--reps N] [--threads N]
 
 Prints a Markdown table (every figure next to its baseline, as baseline time / fastmem time), then one
 line per target, met or missed by how much. Kernel sections (attention, decode) time one op; end-to-end
 sections (train, sample, loop; bench/learning.py) time a whole job against HF + PEFT; `real` (bench/real.py)
-does so on SmolLM2-135M-Instruct, with all threads, and judges a decode step against its roofline. To add a section:
+does so on SmolLM2-135M-Instruct, with all threads, and judges a decode step against its roofline; `store`
+(bench/store.py) fills, saves, loads and searches `MemoryStore` at 1,000 to 100,000 entries next to the old store,
+writing gigabytes to a temporary directory. To add a section:
 write ``<name>_cases(settings)`` returning `Case`s (build them with `comparison_cases`) and add a row to
 `SECTIONS`.
 """
@@ -36,6 +38,7 @@ from bench.harness import (END_TO_END, FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFIN
 from bench.learning import (LOOP_NOTE, SAMPLE_NOTE, TRAIN_NOTE, LR, loop_cases, sample_cases,  # noqa: E402
                             train_cases)
 from bench.real import real_cases, real_note, real_timing  # noqa: E402
+from bench.store import store_rows  # noqa: E402
 from fastmem.ops import backends  # noqa: E402
 
 
@@ -56,7 +59,8 @@ class Section:
     --quick giving it). ``timing``: its own `Timing` as a function of (--quick, --smoke), instead of
     `timing_for`'s; ``all_threads``: an end-to-end section that runs with --threads, not --e2e-threads;
     ``peak_memory``: whether its cases' peak memory is measured (each in a fresh process: a second run);
-    ``roofline``: its rows need the copy bandwidth (measured with the ceiling)."""
+    ``roofline``: its rows need the copy bandwidth (measured with the ceiling). ``rows``: a section measured
+    its own way, as a function of (--quick, --smoke) giving its report rows and note (no cases)."""
     cases: Callable[[Settings], list[Case]]
     sweeps: Callable[[Settings], list[Sweep]] | None = None
     end_to_end: bool = False
@@ -65,6 +69,7 @@ class Section:
     all_threads: bool = False
     peak_memory: bool = True
     roofline: bool = False
+    rows: Callable[[bool, bool], tuple[list[dict], str]] | None = None
 
     def note_for(self, quick: bool) -> str | None:
         return self.note(quick) if callable(self.note) else self.note
@@ -306,8 +311,9 @@ SECTIONS = {
     "loop": Section(loop_cases, end_to_end=True, note=LOOP_NOTE),
     "real": Section(real_cases, end_to_end=True, note=real_note, timing=real_timing, all_threads=True,
                     peak_memory=False, roofline=True),
+    "store": Section(lambda settings: [], rows=store_rows, peak_memory=False),
 }
-DEFAULT_SECTIONS = [name for name in SECTIONS if name != "real"]
+DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("real", "store")]
 FLOP_CONVENTION = ("GFLOP/s counts useful work only, the same for every provider: attention fwd = "
                    "4·B·Hq·D·(T·P + T(T+1)/2) (causal halving counted: each query's visible keys), decode step "
                    "fwd = 4·B·Hq·D·(memory + prompt + cache), fwd+bwd = 3.5 × fwd; ceiling = 2n³ per matmul; "
@@ -335,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", type=section_names, default=DEFAULT_SECTIONS, metavar="SECTIONS",
                         help=f"comma-separated sections to run: {', '.join(SECTIONS)} (default: all but "
                              f"{', '.join(sorted(set(SECTIONS) - set(DEFAULT_SECTIONS)))}, which needs the real "
-                             "model of scripts/real_model.py and runs minutes)")
+                             "model of scripts/real_model.py and runs minutes, and store, which writes GBs to disk)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer warm-ups, samples and sweep points (about 2 minutes on 2 CPU cores)")
     parser.add_argument("--smoke", action="store_true",
@@ -414,8 +420,13 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
     roofline = any(SECTIONS[name].roofline for name in args.only)
     sections = {"ceiling": CEILING, **({"bandwidth": BANDWIDTH} if roofline else {}),
                 **{name: SECTIONS[name] for name in args.only}}
-    measurements, timings = [], {}
+    measurements, timings, own_rows, notes = [], {}, [], {}
     for name, section in sections.items():
+        if section.rows is not None:
+            progress(f"{name}: measuring")
+            section_rows, notes[name] = section.rows(settings.quick, settings.smoke)
+            own_rows += section_rows
+            continue
         cases = section.cases(settings)
         timings[name] = section_timing(args, section)
         progress(f"{name}: timing {len(cases)} cases, {timings[name].reps} samples each")
@@ -445,12 +456,12 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         end_to_end_timing=dict(asdict(end_to_end_timing), threads=end_to_end_threads(args)),
         section_timing={name: dict(asdict(timings[name]), threads=section_threads(args, SECTIONS[name]))
                         for name in args.only if SECTIONS[name].timing or SECTIONS[name].all_threads},
-        notes={name: SECTIONS[name].note_for(args.quick) for name in args.only if SECTIONS[name].note},
+        notes={**{name: SECTIONS[name].note_for(args.quick) for name in args.only if SECTIONS[name].note}, **notes},
         smoke=args.smoke, quick=args.quick,
         conventions=dict(flops=FLOP_CONVENTION, peak_memory=PEAK_MEMORY_DEFINITION if not args.smoke else None),
         ceiling_gflops_per_s=ceiling_flops_per_s / 1e9,
         copy_bandwidth_gb_per_s=bandwidth_bytes_per_s and bandwidth_bytes_per_s / 1e9,
-        rows=report_rows(measurements, ceiling_flops_per_s, bandwidth_bytes_per_s),
+        rows=report_rows(measurements, ceiling_flops_per_s, bandwidth_bytes_per_s) + own_rows,
         sweeps=[dict(title=sweep.title, x_label=sweep.x_label,
                      points=[dict(x=x, rows=report_rows(point, ceiling_flops_per_s))
                              for (x, _), point in zip(sweep.points, points)])

@@ -228,12 +228,15 @@ def mean_and_interval(values: list[float]) -> tuple[float, float]:
 def run(args) -> dict:
     from fastmem.learner import OnlineLearner
     from fastmem.models import ModelLoadError, load_model
-    from fastmem.store import MemoryStore
+    from fastmem.store import MemoryStore, StoreLockedError
 
     check_run_args(args)
     problems = read_questions(args)
-    store = MemoryStore.load(args.store) if args.resume and args.store and (Path(args.store) / "store.json").exists() \
-        else MemoryStore(args.store)
+    try:
+        store = MemoryStore.load(args.store) if args.resume and args.store and MemoryStore.exists(args.store) \
+            else MemoryStore(args.store)
+    except StoreLockedError as error:
+        _fail(f"--store: {error}")
     out_path = Path(args.out) if args.out else None
     done = _read_done(out_path) if args.resume else []
     if out_path is not None:
@@ -276,6 +279,7 @@ def run(args) -> dict:
     except KeyboardInterrupt:
         if args.store:
             store.save()
+        store.close()   # releases the store's lock now, not when the traceback goes
         print(f"\ninterrupted after {len(records)} problems; store saved"
               + (f" to {args.store}; continue with --resume" if args.store else ""), file=sys.stderr)
         raise SystemExit(130)
@@ -283,6 +287,7 @@ def run(args) -> dict:
     summary = {"problems": len(records), "problems_per_s": (len(records) - len(done)) / max(elapsed, 1e-9)}
     if not args.no_baselines and all(p["answer"] is not None for p in problems):
         summary.update(compare(learner, problems, records, args))
+    store.close()
     print_summary(summary, args)
     return summary
 

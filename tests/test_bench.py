@@ -18,7 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not part of the installed package
 
-from bench import learning, real, throughput  # noqa: E402
+from bench import harness, learning, real, throughput  # noqa: E402
+from bench import store as bench_store  # noqa: E402
 from bench.baselines import (concat_cache_decode, mean_hidden_state, peft_online_loop,  # noqa: E402
                              peft_prefix_attention, prompt_weight, trace_batch)
 from bench.harness import CPU_PEAK_SUPPORTED, PEAK_RSS_ENV  # noqa: E402
@@ -135,6 +136,30 @@ def test_real_section_smoke_reports_every_row_and_target(tmp_path):
     assert "MISSED" in table or "met" in table
     assert report["section_timing"]["real"]["threads"] == 1 and f"- {report['notes']['real']}." in table
     assert "copy bandwidth" in table and "% of roofline" in table
+
+
+def test_store_section_smoke_reports_every_row(tmp_path):
+    """`--only store --smoke`: fill, save, search, load (and RSS for fastmem) of the new store and the old one
+    (from git), with a rate of adds; an absolute target renders as met or missed."""
+    json_path = tmp_path / "report.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        throughput.main(["--smoke", "--only", "store", "--device", "cpu", "--threads", "1", "--json", str(json_path)])
+    report, table = json.loads(json_path.read_text()), stdout.getvalue()
+    rows = [row for row in report["rows"] if row["section"] == "store"]
+    steps = ["fill, save per 100", "save 100 new", "search 1 query, top 2", "load"]
+    assert [(row["provider"], row["case"].split(": ")[1]) for row in rows] == [
+        *(("fastmem", step) for step in steps), ("fastmem", "RSS growth / keys index (0.1 MB)"),
+        *((f"old store ({bench_store.OLD_STORE_REV})", step) for step in steps), ("fastmem", steps[2])]
+    assert rows[-1]["case"].startswith("2,000 keys [128], index='ivf'")
+    assert all(row["median_ms"] > 0 for row in rows if "RSS" not in row["case"])
+    assert rows[0]["rate_unit"] == "adds" and rows[0]["rate_per_s"] == pytest.approx(300 / rows[0]["median_ms"] * 1e3)
+    assert rows[4]["peak_mb"] > 0 and "recall@10" in report["notes"]["store"]
+    assert f"| store | {rows[0]['case']} | fastmem | end-to-end |" in table
+    met, missed = (bench_store.row("x", "fastmem", [1.0], targets=[bench_store.limit("search p50", value, 5, "ms")])
+                   for value in (4, 7))
+    assert [line.split("; ")[-1] for line in harness.target_lines([met, missed])] == [
+        "target <=5 ms: met", "target <=5 ms: MISSED by 2 ms"]
 
 
 def test_real_flop_count_of_a_token():
@@ -263,7 +288,7 @@ def test_loop_baseline_keys_equal_the_learners_and_it_stores_every_question():
         temperature=shape.temperature, extract_answer=extract_answer, vote=majority_vote)
     assert len(answers) == len(questions)
     assert keys.shape[0] == memories.shape[0] == shape.stored + len(questions)
-    stored = [entry["question"] for entry in x["store"].metadata]
+    stored = [x["store"].get(entry_id)[1]["question"] for entry_id in x["store"].ids]
     for question, key in zip(stored + questions, keys):
         torch.testing.assert_close(key, learner.embed([question])[0], rtol=1e-5, atol=1e-5)
     tokens = x["tokenizer"](questions[0], return_tensors="pt").input_ids
