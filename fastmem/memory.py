@@ -60,9 +60,10 @@ class MemoryBank(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def initial_tensors(cls, model, shape: ModelShape, slots: int, length: int,
-                        dtype: torch.dtype) -> dict[str, Tensor]:
-        """Name -> initial value of each parameter."""
+    def initial_tensors(cls, model, shape: ModelShape, slots: int, length: int, dtype: torch.dtype,
+                        generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Name -> initial value of each parameter, on the model's device. generator: draws the random values on
+        its own device (None: torch's global generator, on the model's device)."""
         raise NotImplementedError
 
     def adapter_tensors(self, adapter: PromptAdapter) -> dict[str, Tensor]:
@@ -80,22 +81,27 @@ class MemoryBank(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _create(cls, model, slots: int, length: int, dtype: torch.dtype | None) -> "MemoryBank":
+    def _create(cls, model, slots: int, length: int, dtype: torch.dtype | None,
+                generator: torch.Generator | None) -> "MemoryBank":
         if not (isinstance(slots, int) and isinstance(length, int) and slots > 0 and length > 0):
             raise ValueError(f"slots and length must be positive ints; got slots={slots!r}, length={length!r}")
         shape = model_shape(model)
-        tensors = cls.initial_tensors(model, shape, slots, length, dtype or model.dtype)
+        tensors = cls.initial_tensors(model, shape, slots, length, dtype or model.dtype, generator)
         return cls(shape, torch.full((slots,), length, dtype=torch.long, device=model.device), tensors)
 
     @classmethod
-    def soft_prompts(cls, model, slots: int, length: int, dtype: torch.dtype | None = None) -> "SoftPromptBank":
-        """S soft prompts ``[S, P, hidden]``, initialized from the embeddings of random vocabulary tokens."""
-        return SoftPromptBank._create(model, slots, length, dtype)
+    def soft_prompts(cls, model, slots: int, length: int, dtype: torch.dtype | None = None,
+                     generator: torch.Generator | None = None) -> "SoftPromptBank":
+        """S soft prompts ``[S, P, hidden]``, initialized from the embeddings of random vocabulary tokens (drawn
+        by ``generator``, on its device; None: torch's global generator)."""
+        return SoftPromptBank._create(model, slots, length, dtype, generator)
 
     @classmethod
-    def prefixes(cls, model, slots: int, length: int, dtype: torch.dtype | None = None) -> "PrefixBank":
-        """S prefixes: keys and values ``[L, S, P, Hkv, D]``, initialized from N(0, 1) as PEFT does."""
-        return PrefixBank._create(model, slots, length, dtype)
+    def prefixes(cls, model, slots: int, length: int, dtype: torch.dtype | None = None,
+                 generator: torch.Generator | None = None) -> "PrefixBank":
+        """S prefixes: keys and values ``[L, S, P, Hkv, D]``, initialized from N(0, 1) as PEFT does (drawn by
+        ``generator``, on its device; None: torch's global generator)."""
+        return PrefixBank._create(model, slots, length, dtype, generator)
 
     @property
     def num_slots(self) -> int:
@@ -245,6 +251,11 @@ class MemoryBank(nn.Module):
                 f"model={self.model_shape.as_dict()}")
 
 
+def _draw_device(model, generator: torch.Generator | None) -> torch.device:
+    """Where random initial values are drawn: on the generator's device, or the model's for the global one."""
+    return model.device if generator is None else generator.device
+
+
 class SoftPromptBank(MemoryBank):
     """Soft prompts: ``embeddings [S, P, hidden]``; a row's memory is its slots' vectors, concatenated."""
 
@@ -257,8 +268,9 @@ class SoftPromptBank(MemoryBank):
         return {"embeddings": (slots, length, shape.hidden_size)}
 
     @classmethod
-    def initial_tensors(cls, model, shape, slots, length, dtype):
-        token_ids = torch.randint(model.config.vocab_size, (slots, length), device=model.device)
+    def initial_tensors(cls, model, shape, slots, length, dtype, generator=None):
+        token_ids = torch.randint(model.config.vocab_size, (slots, length), generator=generator,
+                                  device=_draw_device(model, generator)).to(model.device)
         with torch.no_grad():
             return {"embeddings": model.get_input_embeddings()(token_ids).to(dtype)}
 
@@ -286,8 +298,9 @@ class PrefixBank(MemoryBank):
         return {"keys": size, "values": size}
 
     @classmethod
-    def initial_tensors(cls, model, shape, slots, length, dtype):
-        return {name: torch.randn(size, dtype=dtype, device=model.device)
+    def initial_tensors(cls, model, shape, slots, length, dtype, generator=None):
+        return {name: torch.randn(size, dtype=dtype, generator=generator,
+                                  device=_draw_device(model, generator)).to(model.device)
                 for name, size in cls.tensor_shapes(shape, slots, length).items()}
 
     def adapter_tensors(self, adapter):

@@ -211,7 +211,7 @@ def test_drawn_tokens_follow_the_filtered_distribution(temperature, top_p, top_k
     logits = torch.randn(1, 24, generator=torch.Generator().manual_seed(11)) * 2
     expected = reference_filtered_probs(logits, temperature, top_p, top_k, min_p)[0]
     tokens, logprobs = _next_tokens(logits.expand(draws, -1), temperature, top_p,
-                                    torch.Generator().manual_seed(0), top_k, min_p)
+                                    torch.rand(draws, generator=torch.Generator().manual_seed(0)), top_k, min_p)
     frequency = torch.bincount(tokens, minlength=logits.shape[1]).double() / draws
     assert bool((frequency[expected == 0] == 0).all())
     standard_error = (expected * (1 - expected) / draws).sqrt()
