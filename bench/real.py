@@ -306,6 +306,8 @@ VIEW_OPS = {"aten::view", "aten::t", "aten::transpose", "aten::slice", "aten::as
             "aten::lift_fresh"}
 # rows -> {part: seconds} of one profiled decode step (filled by the decode workloads' make_inputs)
 PROFILES: dict[int, dict[str, float]] = {}
+# the train job's token ratio, PEFT's tokens over fastmem's (filled by real_cases)
+TRAIN_TOKEN_RATIO: dict[str, float] = {}
 
 
 def decode_profile(inputs: dict, filled: int) -> dict[str, float]:
@@ -496,9 +498,19 @@ def real_cases(settings: "Settings") -> list[Case]:
     counts = ModelCounts.of(model)
     _, prompts = word_prompts(tokenizer, max(shape.problems, shape.train_problems))
     prompt_lens = [len(p) for p in prompts]
+    TRAIN_TOKEN_RATIO["ratio"] = train_token_ratio(shape, prompt_lens[:shape.train_problems])
     del model
     return (decode_cases(settings, shape, spec, counts, prompt_lens) + sample_cases(settings, shape, spec)
             + train_cases(settings, shape, spec, counts, prompt_lens) + loop_cases(settings, shape, spec))
+
+
+def train_token_ratio(shape: RealShape, prompt_lens: list[int]) -> float:
+    """Tokens PEFT runs for the train job (every trace with its problem's prompt) over the tokens fastmem runs
+    (each prompt once, then the traces): the speedup a trainer that shares prompts gets when both run at
+    the same FLOP rate, the case on a CPU, where both are matmul-bound."""
+    peft = sum(shape.train_traces * (length + shape.trace_len) for length in prompt_lens)
+    shared = sum(length + shape.train_traces * shape.trace_len for length in prompt_lens)
+    return peft / shared
 
 
 def real_note(quick: bool) -> str:
@@ -516,7 +528,11 @@ def real_note(quick: bool) -> str:
             "tokens to the host, one decoder step; its bound = max(weights + pool + own keys/values bytes / copy "
             "bandwidth, FLOPs / matmul ceiling). Train utilization counts useful FLOPs: each problem's memory + "
             "prompt forward once, its traces' forward, x2 for the input-gradient backward (frozen weights)"
+            + ("" if not TRAIN_TOKEN_RATIO else f"; the train job holds {TRAIN_TOKEN_RATIO['ratio']:.2f}x fewer tokens "
+               "for fastmem than for PEFT (each prompt once), the speedup expected when both run matmul-bound at "
+               "one FLOP rate: the train and loop targets of 4x need more than sharing prompts on a CPU")
             + ("" if not PROFILES else "; where a decode step's time goes (one step under torch.profiler, in this "
-               "run; sampling = the vocabulary-sized softmax, multinomial, log-softmax and the host copy; host = "
+               "run; sampling = `_next_tokens`' exponential, running sum and search over the vocabulary and the host "
+               "copy; host = "
                "Python, dispatch and view ops): " + "; ".join(profile_line(rows, PROFILES[rows])
                                                             for rows in sorted(PROFILES))))

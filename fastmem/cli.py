@@ -16,10 +16,6 @@ from pathlib import Path
 
 import torch
 
-SUMMARY_ROWS = ("zero-shot pass@1", "greedy", "maj@N", "raw-trace ICL pass@1",
-                "fastmem pass@1 (stream)", "fastmem pass@1 (second half)", "fastmem maj@N (stream)")
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The run command's options. Each value is checked as it is parsed, or by `check_run_args` (options
     that depend on each other, files, the model spec), all before any model loads; a bad one is a one-line
@@ -101,6 +97,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     learning.add_argument("--consolidate-threshold", type=_in_range(-1.0, 1.0),
                           default=learner["consolidate_threshold"],
                           help="cosine similarity above which store entries are merged")
+    learning.add_argument("--resample", action=argparse.BooleanOptionalAction, default=learner["resample"],
+                          help="after training, draw n new samples of each problem with its own trained memory and "
+                               "answer their majority (the comparison then reports distillation)")
     output = parser.add_argument_group("output")
     output.add_argument("--store", help="persist the memory store in this directory")
     output.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
@@ -287,8 +286,8 @@ def _run(args) -> dict:
                             control=args.control, gate_trials=args.gate_trials,
                             cluster_similarity=args.cluster_similarity, min_share=args.min_share,
                             replay=args.replay, consolidate_every=args.consolidate_every,
-                            consolidate_threshold=args.consolidate_threshold, extract_answer=_extractor(args),
-                            process_group=group)
+                            consolidate_threshold=args.consolidate_threshold, resample=args.resample,
+                            extract_answer=_extractor(args), process_group=group)
     learner.batches_done, learner.problems_done = len(done) // args.batch_size, len(done)
     records = list(done)
     started = time.perf_counter()
@@ -366,7 +365,7 @@ def _record(problem: dict, result, learner) -> dict:
     return {"question": result.question, "answer": result.answer, "vote_share": result.vote_share,
             "memory_id": result.memory_id, "retrieved": result.retrieved, "used_memory": result.used_memory,
             "samples": result.samples, "answers": result.answers, "memory_samples": result.memory_samples,
-            "reference": problem["answer"], "sample_correct": correct,
+            "resampled_answers": result.resampled, "reference": problem["answer"], "sample_correct": correct,
             "majority_correct": None if correct is None else (
                 result.answer is not None and learner.equivalent(result.answer, problem["answer"]))}
 
@@ -379,7 +378,10 @@ def _accuracy(answers: list[list[str | None]], problems: list[dict], equivalent)
 def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
     """Per-problem accuracies: baselines on the same problems (the learner's prompts, sampling settings and n,
     no memory; greedy at temperature 0) and fastmem's own (pass@1 over the samples drawn with the learner's
-    memories, the control samples excluded; maj@N of the answers it returned)."""
+    memories, the control samples excluded; maj@N of the answers it returned). Transfer: the second half of
+    the stream, fastmem against zero-shot and against raw-trace ICL, paired per problem. Distillation (when
+    the records hold resampled answers, ``--resample``): pass@1 of the samples drawn with each problem's own
+    trained memory; `gap_closed` turns it into the share of the pass@1 -> maj@N gap it closes."""
     from fastmem.voting import majority_vote
 
     equivalent = learner.equivalent
@@ -396,18 +398,49 @@ def compare(learner, problems: list[dict], records: list[dict], args) -> dict:
     half = len(problems) // 2
     stream_pass = _accuracy(treated, problems, equivalent)
     zero_shot_pass = _accuracy(zero_shot, problems, equivalent)
-    return {
+    icl_pass = _accuracy(icl, problems, equivalent)
+    rows = {
         "zero-shot pass@1": zero_shot_pass,
         "greedy": _accuracy(greedy, problems, equivalent),
         "maj@N": _accuracy(majority, problems, equivalent),
-        "raw-trace ICL pass@1": _accuracy(icl, problems, equivalent),
+        "raw-trace ICL pass@1": icl_pass,
         "fastmem pass@1 (stream)": stream_pass,
         "zero-shot pass@1 (second half)": zero_shot_pass[half:],
+        "raw-trace ICL pass@1 (second half)": icl_pass[half:],
         "fastmem pass@1 (second half)": stream_pass[half:],
-        # per problem, so its interval is the paired one (narrower than comparing the two rows' intervals)
+        # per problem, so their intervals are the paired ones (narrower than comparing two rows' intervals)
         "fastmem − zero-shot pass@1 (second half)": [f - z for f, z in zip(stream_pass[half:], zero_shot_pass[half:])],
+        "fastmem − ICL pass@1 (second half)": [f - i for f, i in zip(stream_pass[half:], icl_pass[half:])],
         "fastmem maj@N (stream)": [float(r["majority_correct"]) for r in records],
     }
+    if all(r.get("resampled_answers") for r in records):
+        rows[DISTILLED] = _accuracy([r["resampled_answers"] for r in records], problems, equivalent)
+    return rows
+
+
+DISTILLED = "distilled pass@1 (own trained memory)"
+
+
+def gap_closed(rows: dict, draws: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+    """The share of the gap between zero-shot pass@1 and maj@N that distillation closes,
+    ``mean(distilled - pass@1) / mean(maj@N - pass@1)`` over the problems of ``rows`` (`compare`'s per-problem
+    lists, possibly pooled over seeds), with a 95% percentile interval from ``draws`` paired bootstrap
+    resamples of the problems (a resample without a gap, whose share is undefined, is left out; NaN where
+    there is no gap at all). None when ``rows`` has no distillation row."""
+    if DISTILLED not in rows:
+        return None
+    values = torch.tensor([rows[DISTILLED], rows["zero-shot pass@1"], rows["maj@N"]], dtype=torch.float64)
+    gain, gap = values[0] - values[1], values[2] - values[1]
+
+    def share(rows_taken):
+        return gain[rows_taken].mean(-1) / gap[rows_taken].mean(-1)
+
+    picks = torch.randint(values.shape[1], (draws, values.shape[1]), generator=torch.Generator().manual_seed(seed))
+    shares = share(picks)
+    shares = shares[shares.isfinite()]
+    low, high = (torch.quantile(shares, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+                 if len(shares) else (float("nan"), float("nan")))
+    return share(torch.arange(values.shape[1])).item(), low, high
 
 
 def icl_prompts(learner, problems: list[dict], records: list[dict]) -> list[list[int]]:
@@ -453,5 +486,9 @@ def print_summary(summary: dict, args) -> None:
         if isinstance(values, list):
             mean, half_width = mean_and_interval(values)
             table.add_row(name, f"{mean:.3f}", f"±{half_width:.3f}")
+    closed = gap_closed(summary)
+    if closed is not None:
+        table.add_row("distillation: share of the pass@1 → maj@N gap closed", f"{closed[0]:.2f}",
+                      f"[{closed[1]:.2f}, {closed[2]:.2f}]")
     table.add_row("problems/s", f"{summary['problems_per_s']:.2f}", "")
     Console().print(table)

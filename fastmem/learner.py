@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -52,7 +53,9 @@ from fastmem.store import MemoryStore
 from fastmem.training import MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
-KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
+# a fresh prefix starts as the keys and values of random tokens: PEFT's N(0, 1) start wrecks a real model's
+# predictions before any training (MemoryBank.prefixes)
+KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": partial(MemoryBank.prefixes, init="tokens")}
 GRANULARITIES = ("problem", "cluster")
 # a problem's random streams, ``stream_seed(seed, position in the stream, STREAM)``
 TREATED_SAMPLES, CONTROL_SAMPLES, RESAMPLED, FRESH_MEMORY = range(4)
@@ -67,6 +70,8 @@ class Result:
     consolidation it may have been merged into another entry, which lists it under ``merged``).
     retrieved: store ids the new memory started from; used_memory: whether samples drew on it.
     samples / answers: every sample's text and extracted answer (memory samples first, then control).
+    resampled: with ``resample=True``, the extracted answers of the ``n`` samples drawn after training with
+    this question's own trained memory (what distillation achieved on it); else empty.
     """
     question: str
     answer: str | None
@@ -77,6 +82,7 @@ class Result:
     samples: list[str]
     answers: list[str | None]
     memory_samples: int = field(default=0)
+    resampled: list[str | None] = field(default_factory=list)
 
 
 class OnlineLearner:
@@ -230,8 +236,8 @@ class OnlineLearner:
             taken[owner] += 1
         vectors = torch.stack([parts[rank]["vectors"][row] for rank, row in rows]).to(self.model.device)
         signal = [parts[rank]["signal"][row] for rank, row in rows]
-        samples, answers, votes, rewards = ([item for part in parts for item in part[name]]
-                                            for name in ("samples", "answers", "votes", "rewards"))
+        samples, answers, votes, rewards, resampled = ([item for part in parts for item in part[name]] for name
+                                                       in ("samples", "answers", "votes", "rewards", "resampled"))
         traces = [[list(s.token_ids) for s in row] for row in samples]
         batch = _Batch(questions, prompts, keys, traces, rewards, votes, signal, replayed)
         memory_ids = self._store(batch, vectors, plans)
@@ -242,9 +248,9 @@ class OnlineLearner:
             self.store.consolidate(self.consolidate_threshold)
         return [Result(question=q, answer=vote.answer, vote_share=vote.share, memory_id=memory_id,
                        retrieved=plan.retrieved, used_memory=plan.use, samples=[s.text for s in row],
-                       answers=row_answers, memory_samples=self.n - self.control)
-                for q, vote, memory_id, plan, row, row_answers
-                in zip(questions, votes, memory_ids, plans, samples, answers)]
+                       answers=row_answers, memory_samples=self.n - self.control, resampled=row_resampled)
+                for q, vote, memory_id, plan, row, row_answers, row_resampled
+                in zip(questions, votes, memory_ids, plans, samples, answers, resampled)]
 
     def _owner(self, question: int, count: int) -> int:
         """The rank whose share of a batch of ``count`` questions holds question ``question``."""
@@ -259,12 +265,15 @@ class OnlineLearner:
         ``vectors [S, F]`` fp32 (its question slots, then its replayed ones), and per question ``samples``,
         ``answers``, ``votes``, ``rewards``, then per slot ``signal``."""
         if not mine:
-            return dict(vectors=None, samples=[], answers=[], votes=[], rewards=[], signal=[])
+            return dict(vectors=None, samples=[], answers=[], votes=[], rewards=[], resampled=[], signal=[])
         own_replayed = [item for item, owner in zip(replayed, owners) if owner == self.rank]
-        bank = KINDS[self.kind](self.model, slots=len(mine) + len(own_replayed), length=self.length)
-        bank.to(self.model.device)
+        # a fresh memory: drawn from its problem's own stream (the replayed slots are overwritten below)
+        generators = [torch.Generator().manual_seed(stream_seed(self.seed, first + i, FRESH_MEMORY)) for i in mine]
+        bank = KINDS[self.kind](self.model, slots=len(mine) + len(own_replayed), length=self.length,
+                                generator=generators + [torch.Generator() for _ in own_replayed])
         for slot, i in enumerate(mine):
-            _write_vector(bank, slot, plans[i].start if plans[i].start is not None else self._fresh(first + i))
+            if plans[i].start is not None:
+                _write_vector(bank, slot, plans[i].start)
         for offset, (cluster, _, _) in enumerate(own_replayed):
             _write_vector(bank, len(mine) + offset, self.store.get(cluster)[0])
         own_prompts = [prompts[i] for i in mine]
@@ -290,17 +299,13 @@ class OnlineLearner:
         signal = [trains_on(row, self.objective) for row in all_rewards]
         for _ in range(self.steps if any(signal) else 0):
             trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
+        resampled = [[] for _ in mine]
         if self.resample:
             fresh = self._sample(own_prompts, bank, torch.arange(len(mine)), self.n, seeds(RESAMPLED))
-            votes = [majority_vote([self.extract_answer(s.text) for s in row], self.equivalent) for row in fresh]
+            resampled = [[self.extract_answer(s.text) for s in row] for row in fresh]
+            votes = [majority_vote(row, self.equivalent) for row in resampled]
         return dict(vectors=_read_vectors(bank), samples=samples, answers=answers, votes=votes, rewards=rewards,
-                    signal=signal)
-
-    def _fresh(self, position: int) -> Tensor:
-        """The initial memory of the problem at stream ``position`` when nothing similar is stored: drawn
-        from the problem's own stream, as the kind's bank initializes a slot (`_read_vectors` layout)."""
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, position, FRESH_MEMORY))
-        return _read_vectors(KINDS[self.kind](self.model, slots=1, length=self.length, generator=generator))[0]
+                    resampled=resampled, signal=signal)
 
     def _sample(self, prompts, bank, index, n, seeds):
         kwargs = dict(bank=bank, index=index) if bank is not None and bool((index >= 0).any()) else {}

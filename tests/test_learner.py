@@ -61,6 +61,58 @@ def test_learner_stores_memories_and_reports_every_question(model_dir, memory):
         assert len(store) == 1 and store.get(store.ids[0])[1]["members"] == 6   # everything joined one cluster
 
 
+def test_resample_draws_each_problem_with_its_own_trained_memory(model_dir, monkeypatch):
+    """resample=True: n more samples per question after training, row b drawn with bank slot b (the memory
+    trained on question b's own majority traces); the answer returned is their majority."""
+    from fastmem.models import load_model
+    from fastmem.voting import majority_vote
+
+    model, tokenizer = load_model(str(model_dir))
+    learner = OnlineLearner(model, tokenizer, MemoryStore(), n=3, steps=1, control=1, batch_size=3,
+                            max_new_tokens=6, resample=True)
+    drawn = []
+    original = OnlineLearner.sample
+
+    def recording_sample(self, prompts, n, seed, temperature=None, **memory):
+        drawn.append(memory.get("index"))
+        return original(self, prompts, n, seed, temperature, **memory)
+
+    monkeypatch.setattr(OnlineLearner, "sample", recording_sample)
+    results = learner.solve([p["question"] for p in stream(0, 3)])
+    assert torch.equal(drawn[-1], torch.arange(3))   # the last draw: every question with its own slot
+    for result in results:
+        assert len(result.resampled) == 3
+        assert result.answer == majority_vote(result.resampled, learner.equivalent).answer
+
+
+def test_gap_closed_is_the_paired_share_of_the_pass1_to_majority_gap():
+    from fastmem.cli import DISTILLED, gap_closed
+
+    zero_shot, majority = [0.25, 0.5, 0.0, 0.75] * 10, [1.0, 1.0, 0.0, 1.0] * 10
+    assert gap_closed({"zero-shot pass@1": zero_shot, "maj@N": majority}) is None
+    for distilled, share in (([0.25, 0.5, 0.0, 0.75] * 10, 0.0), ([1.0, 1.0, 0.0, 1.0] * 10, 1.0),
+                             ([0.5, 1.0, 0.0, 0.75] * 10, 0.75 / 1.5)):
+        closed = gap_closed({"zero-shot pass@1": zero_shot, "maj@N": majority, DISTILLED: distilled})
+        assert closed[0] == pytest.approx(share) and closed[1] <= closed[0] <= closed[2]
+    wide = gap_closed({"zero-shot pass@1": [0.0, 0.5, 0.5, 0.0], "maj@N": [1.0, 1.0, 0.0, 0.0],
+                       DISTILLED: [1.0, 0.0, 0.5, 0.5]})
+    assert wide[2] - wide[1] > 0.5      # four problems: a wide interval
+
+
+def test_run_reports_transfer_against_icl_and_distillation(model_dir):
+    import argparse
+
+    from fastmem.cli import DISTILLED, add_run_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    summary = run(parser.parse_args(["--model", str(model_dir), "--limit", "4", "--resample",
+                                     *[a for a in SMALL_RUN if a != "--no-baselines"]]))
+    half = [summary["fastmem pass@1 (second half)"], summary["raw-trace ICL pass@1 (second half)"]]
+    assert summary["fastmem − ICL pass@1 (second half)"] == [f - i for f, i in zip(*half)]
+    assert len(summary[DISTILLED]) == 4
+
+
 def test_no_label_reaches_training(model_dir, tmp_path, monkeypatch):
     """Two runs whose data differ only in the answers train on identical inputs."""
     calls: list[list] = []

@@ -6,6 +6,7 @@ mixed batch run alone. fp32 everywhere; exact equality where the same kernels ru
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -333,6 +334,43 @@ def test_load_rejects_truncated_foreign_and_mismatched_files(tmp_path):
     save_file(tensors, tmp_path / "mismatched.safetensors", metadata=header)
     with pytest.raises(ValueError, match="do not match a prefix bank"):
         MemoryBank.load(tmp_path / "mismatched.safetensors", model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefix_from_tokens_is_the_soft_prompt_of_those_tokens(arch):
+    """init="tokens": each slot holds the keys and values of random tokens at positions 0..P-1, so it
+    gives the logits of a soft prompt of the same tokens' embeddings (the same generator draws both)."""
+    model = patch(make_model(arch))
+    ids = torch.randint(model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for make in (MemoryBank.soft_prompts, functools.partial(MemoryBank.prefixes, init="tokens")):
+        torch.manual_seed(4)
+        bank = make(model, slots=3, length=4)
+        with torch.no_grad(), inject(model, bank, torch.tensor([2, 0, 1])):
+            outputs.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="init must be one of normal, tokens"):
+        MemoryBank.prefixes(model, slots=1, length=2, init="zeros")
+    with pytest.raises(ValueError, match="patch"):
+        MemoryBank.prefixes(make_model(arch), slots=1, length=2, init="tokens")
+
+
+@pytest.mark.parametrize("make", [MemoryBank.soft_prompts, MemoryBank.prefixes,
+                                  functools.partial(MemoryBank.prefixes, init="tokens")])
+def test_a_slot_with_its_own_generator_does_not_depend_on_the_others(make):
+    """One generator per slot: a slot's initial values are its generator's, whatever the other slots are."""
+    model = patch(make_model("llama"))
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    together, alone = make(model, slots=3, length=4, generator=generators(5, 6, 7)), make(
+        model, slots=1, length=4, generator=generators(6))
+    for name, parameter in together.named_parameters():
+        slot = (slice(None),) * together.SLOT_DIM + (slice(1, 2),)
+        torch.testing.assert_close(parameter.detach()[slot], getattr(alone, name).detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one generator per slot: 2 slots, 1 generators"):
+        make(model, slots=2, length=4, generator=generators(1))
 
 
 def test_bad_input_is_refused_before_any_computation():
