@@ -9,16 +9,16 @@ same code runs, the exchanges handing back this process's own values):
 2. Every rank searches its store and plans all B questions: the ranks' stores are equal, so the plans are.
 3. Each rank samples, votes and trains the memories of its share (and of the replayed problems of each
    cluster whose first retriever in the batch is in its share). Every random draw of a problem (its
-   samples, the initial value of a fresh memory) comes from a stream named by the run's seed and the
+   samples, the initial value of a fresh memory) comes from streams named by the run's seed and the
    problem's position in the stream (`fastmem.sampling.stream_seed`), never by the rank, and a slot's
    training (loss, gradient, Adam state) involves no other slot: what a problem gets does not depend on
    which problems share its forward, or on N (up to the rounding of batched kernels, whose bits can
-   depend on a batch's shape, e.g. its widest prompt).
-4. Exchange 2: per question its trained memory (fp32: ``2 * layers * P * kv_heads * head_dim`` values for a
-   prefix, ``P * hidden`` for a soft prompt), its
-   samples (text and token ids), answers and vote; per replayed problem its trained memory. Every rank
-   then applies the same store updates in stream order (the one-process code on the same values, merges
-   averaged in a fixed order), so the stores stay equal, bit for bit, before the next batch.
+   depend on a batch's shape, e.g. its widest prompt: the stored memories agree to about 1e-5).
+4. Exchange 2: per question its trained memory (fp32: ``2 * layers * P * kv_heads * head_dim`` values for
+   a prefix, ``P * hidden`` for a soft prompt), its samples (text and token ids), answers and vote; per
+   replayed problem its trained memory. Every rank then applies the same store updates in stream order
+   (the one-process code on the same values, merges averaged in a fixed order), so the stores stay equal,
+   bit for bit, before the next batch.
 
 Rank 0 alone writes files (`fastmem.cli`). A rank that dies makes the others' next exchange fail, at once
 when its connection closes, else after the group's timeout: `RankFailure`.
