@@ -39,7 +39,8 @@ class Workload:
     (e.g. ``(16, "problems")``), reported as a rate per second. ``compared``: whether the providers'
     outputs can be compared (not for random samples drawn from different generators). ``bytes_read``: the
     bytes one call must at least read from memory (weights, keys, values), for the roofline: a call's lower
-    bound is max(bytes_read / copy bandwidth, FLOPs / matmul ceiling), both measured in the same run."""
+    bound is max(bytes_read / copy bandwidth, FLOPs / matmul ceiling), both measured in the same run.
+    ``peak_memory``: whether its cases' peak memory is measured (not when they compute in other processes)."""
     section: str
     name: str
     shape: dict
@@ -49,6 +50,7 @@ class Workload:
     work: tuple[float, str] | None = None
     compared: bool = True
     bytes_read: float | None = None
+    peak_memory: bool = True
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,8 @@ def loop_workload(settings: "Settings", shape: LoopShape) -> Workload:
 
 def fastmem_loop(shape: LoopShape):
     """`OnlineLearner.solve` on the batch, from a copy of the seeded store: one memory per problem, no
-    control samples (every sample uses the retrieved memory, as the baseline's do)."""
+    control samples (every sample uses the retrieved memory, as the baseline's do); on the ranks of
+    ``inputs["process_group"]`` when there is one (bench/ranks.py)."""
     def compute(inputs):
         from fastmem.data import extract_answer
         from fastmem.learner import OnlineLearner
@@ -331,7 +332,8 @@ def fastmem_loop(shape: LoopShape):
                                 memory="problem", length=shape.memory_len, lr=shape.lr,
                                 temperature=shape.temperature, max_new_tokens=shape.max_new_tokens, control=0,
                                 min_similarity=shape.min_similarity, batch_size=shape.problems,
-                                extract_answer=extract_answer, seed=SEED)
+                                extract_answer=extract_answer, seed=SEED,
+                                process_group=inputs.get("process_group"))
         return torch.tensor([result.vote_share for result in learner.solve(inputs["questions"])])
     return compute
 

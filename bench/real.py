@@ -286,7 +286,8 @@ def fastmem_decode_steps(shape: RealShape):
         with torch.inference_mode():
             for _ in range(shape.decode_steps):
                 decoder.filled = shape.decode_filled
-                tokens, logprobs = _next_tokens(logits, 1.0, 1.0, inputs["generator"])
+                draws = torch.rand(len(logits), generator=inputs["generator"], device=logits.device)
+                tokens, logprobs = _next_tokens(logits, 1.0, 1.0, draws)
                 tokens.tolist(), logprobs.tolist()
                 logits = decoder.step(tokens)
         return logits[:, :1].clone()
@@ -325,11 +326,12 @@ def decode_profile(inputs: dict, filled: int) -> dict[str, float]:
     decoder, logits = inputs["decoder"], inputs["logits"]
     with torch.inference_mode():
         decoder.filled = filled
-        tokens, _ = _next_tokens(logits, 1.0, 1.0, inputs["generator"])
+        draws = torch.rand(len(logits), generator=inputs["generator"], device=logits.device)
+        tokens, _ = _next_tokens(logits, 1.0, 1.0, draws)
         decoder.step(tokens)                                  # warm
         decoder.filled = filled
         start = time.perf_counter()
-        tokens, logprobs = _next_tokens(logits, 1.0, 1.0, inputs["generator"])
+        tokens, logprobs = _next_tokens(logits, 1.0, 1.0, draws)
         tokens.tolist(), logprobs.tolist()
         sampling = time.perf_counter() - start
         with profile(activities=[ProfilerActivity.CPU]) as prof:

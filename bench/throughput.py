@@ -37,6 +37,7 @@ from bench.harness import (END_TO_END, FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFIN
                            target_lines)
 from bench.learning import (LOOP_NOTE, SAMPLE_NOTE, TRAIN_NOTE, LR, loop_cases, sample_cases,  # noqa: E402
                             train_cases)
+from bench.ranks import RANKS_NOTE, ranks_cases  # noqa: E402
 from bench.real import real_cases, real_note, real_timing  # noqa: E402
 from bench.store import store_rows  # noqa: E402
 from fastmem.ops import backends  # noqa: E402
@@ -308,7 +309,8 @@ SECTIONS = {
     "decode": Section(decode_cases),
     "train": Section(train_cases, end_to_end=True, note=TRAIN_NOTE.format(lr=LR)),
     "sample": Section(sample_cases, end_to_end=True, note=SAMPLE_NOTE),
-    "loop": Section(loop_cases, end_to_end=True, note=LOOP_NOTE),
+    "loop": Section(lambda settings: loop_cases(settings) + ranks_cases(settings), end_to_end=True,
+                    note=f"{LOOP_NOTE}; {RANKS_NOTE}"),
     "real": Section(real_cases, end_to_end=True, note=real_note, timing=real_timing, all_threads=True,
                     peak_memory=False, roofline=True),
     "store": Section(lambda settings: [], rows=store_rows, peak_memory=False),
@@ -434,7 +436,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         measurements += measure(cases, timings[name], settings.device)
     torch.set_num_threads(args.threads)
     if not args.smoke:
-        measured = [m for m in measurements if sections[m.case.workload.section].peak_memory]
+        measured = [m for m in measurements if sections[m.case.workload.section].peak_memory
+                    and m.case.workload.peak_memory]
         progress(f"peak memory of {len(measured)} cases")
         measure_peak_memory(measured, settings.device, lambda case_ids: memory_command(args, case_ids))
     ceiling = measurements[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _one_line_errors(parser)
     learner = _learner_defaults()
     from fastmem.data.files import BUILTIN
+    from fastmem.distributed import DEFAULT_TIMEOUT_S
     from fastmem.models import DTYPES
     from fastmem.prompting import CHAT_PROMPT, CHAT_TEMPLATE_CHOICES
 
@@ -51,7 +53,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the user turn, holding {question} (none: %r with a chat template, the bare "
                              "question without)" % CHAT_PROMPT)
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--n", type=_positive(int), default=learner["n"], help="samples per problem")
+    sampling.add_argument("--n", "--samples", type=_positive(int), default=learner["n"],
+                          help="samples per problem (under torchrun write --samples: torchrun reads --n as its own "
+                               "--nnodes or --nproc-per-node)")
     sampling.add_argument("--temperature", type=_at_least(0.0), default=learner["temperature"],
                           help="sampling temperature (0: greedy)")
     sampling.add_argument("--top-p", type=_in_range(0.0, 1.0, low_open=True), default=learner["top_p"],
@@ -101,6 +105,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
     output.add_argument("--out", help="results JSONL, one line per problem")
     output.add_argument("--no-baselines", action="store_true", help="skip the comparison table")
+    ranks = parser.add_argument_group("several processes (torchrun --nproc-per-node N -m fastmem run ...)")
+    ranks.add_argument("--rank-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+                       help="seconds a rank waits for the others at a batch's exchange before failing")
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -226,26 +233,52 @@ def mean_and_interval(values: list[float]) -> tuple[float, float]:
 
 
 def run(args) -> dict:
+    """The ``run`` command: the online loop over the problems, then (without --no-baselines, when the data
+    has answers) the comparison; returns the summary. Launched by torchrun with several ranks, each batch is
+    split across them (`fastmem.distributed`) and rank 0 alone reads and writes --store and --out (every
+    rank reads --data and --model). A batch is committed when its records are appended to --out and then
+    --store is saved; a dead rank (the others exit with a one-line error), an interrupt or a crash leaves
+    the last committed batch on disk, and --resume continues after it."""
+    from fastmem.distributed import RankFailure
+
+    try:
+        return _run(args)
+    except RankFailure as error:
+        _fail(f"{error}. On disk: the last committed batch; continue with --resume")
+
+
+def _run(args) -> dict:
+    from fastmem.distributed import broadcast, join_torchrun_group, torchrun_world_size
     from fastmem.learner import OnlineLearner
     from fastmem.models import ModelLoadError, load_model
     from fastmem.store import MemoryStore, StoreLockedError
 
     check_run_args(args)
+    device, group = args.device, None
+    if torchrun_world_size() > 1:
+        try:
+            device, group = join_torchrun_group(args.device, args.rank_timeout)
+        except ValueError as error:
+            _fail(f"--device: {error}")
+    leader = group is None or group.rank() == 0
     problems = read_questions(args)
-    try:
-        store = MemoryStore.load(args.store) if args.resume and args.store and MemoryStore.exists(args.store) \
-            else MemoryStore(args.store)
-    except StoreLockedError as error:
-        _fail(f"--store: {error}")
     out_path = Path(args.out) if args.out else None
-    done = _read_done(out_path) if args.resume else []
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            out_path.write_text("")
+    store, done = None, []
+    if leader:
+        try:
+            store = MemoryStore.load(args.store) if args.resume and args.store and MemoryStore.exists(args.store) \
+                else MemoryStore(args.store)
+        except StoreLockedError as error:
+            _fail(f"--store: {error}")
+        done = _read_done(out_path) if args.resume else []
+        if out_path is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            if not args.resume:
+                out_path.write_text("")
+    store, done = broadcast((store, done), group, "the store and the finished records")
     torch.manual_seed(args.seed)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     except ModelLoadError as error:
         _fail(f"--model: {error}")
     learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
@@ -257,39 +290,61 @@ def run(args) -> dict:
                             cluster_similarity=args.cluster_similarity, min_share=args.min_share,
                             replay=args.replay, consolidate_every=args.consolidate_every,
                             consolidate_threshold=args.consolidate_threshold, resample=args.resample,
-                            extract_answer=_extractor(args))
-    learner.batches_done = len(done) // args.batch_size
+                            extract_answer=_extractor(args), process_group=group)
+    learner.batches_done, learner.problems_done = len(done) // args.batch_size, len(done)
     records = list(done)
     started = time.perf_counter()
     from tqdm import tqdm
 
     todo = problems[len(done):]
+    unsaved = False          # the records of a solved batch are in --out, its store not yet saved
     try:
-        with tqdm(total=len(problems), initial=len(done), unit="problem", file=sys.stderr) as bar:
+        with tqdm(total=len(problems), initial=len(done), unit="problem", file=sys.stderr,
+                  disable=not leader) as bar:
             for start in range(0, len(todo), args.batch_size):
                 chunk = todo[start:start + args.batch_size]
-                for problem, result in zip(chunk, learner.solve([p["question"] for p in chunk])):
-                    records.append(_record(problem, result, learner))
-                    if out_path is not None:
-                        with out_path.open("a") as handle:
-                            handle.write(json.dumps(records[-1]) + "\n")
+                solved = [_record(problem, result, learner)
+                          for problem, result in zip(chunk, learner.solve([p["question"] for p in chunk]))]
+                records += solved
+                if leader:
+                    unsaved = True
+                    _append_records(out_path, solved)
+                    if args.store:
+                        store.save()
+                    unsaved = False
                 bar.update(len(chunk))
-                if args.store:
-                    store.save()
     except KeyboardInterrupt:
-        if args.store:
+        if unsaved and args.store:
             store.save()
         store.close()   # releases the store's lock now, not when the traceback goes
-        print(f"\ninterrupted after {len(records)} problems; store saved"
-              + (f" to {args.store}; continue with --resume" if args.store else ""), file=sys.stderr)
+        if leader:
+            print(f"\ninterrupted after {len(records)} problems"
+                  + (f"; the store in {args.store} holds them: continue with --resume" if args.store else ""),
+                  file=sys.stderr)
         raise SystemExit(130)
     elapsed = time.perf_counter() - started
     summary = {"problems": len(records), "problems_per_s": (len(records) - len(done)) / max(elapsed, 1e-9)}
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not leader:
+        return summary
     if not args.no_baselines and all(p["answer"] is not None for p in problems):
         summary.update(compare(learner, problems, records, args))
     store.close()
     print_summary(summary, args)
     return summary
+
+
+def _append_records(out_path: Path | None, records: list[dict]) -> None:
+    """One batch's records appended to --out in one write, flushed to disk."""
+    if out_path is None:
+        return
+    with out_path.open("a") as handle:
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _extractor(args):

@@ -30,11 +30,14 @@ Per batch of questions:
    keys are more than ``consolidate_threshold`` similar (near-duplicate problems in ``problem`` mode;
    clusters whose running-mean keys drifted together in ``cluster`` mode).
 
-No label is ever seen: `solve` takes question strings only. The returned answer is the majority
+With a process group, each batch's questions are split across the ranks for steps 1-4, and step 5 runs on
+every rank on everything the ranks exchanged (`fastmem.distributed`). No label is ever seen: `solve` takes
+question strings only. The returned answer is the majority
 answer (``resample=True``: the majority of ``n`` new samples drawn with the trained memory).
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
@@ -44,7 +47,8 @@ from torch import Tensor
 
 from fastmem.memory import MemoryBank
 from fastmem.prompting import PromptFormat
-from fastmem.sampling import check_sampling_options, sample
+from fastmem.distributed import all_gather, share
+from fastmem.sampling import check_sampling_options, sample, stream_seed
 from fastmem.store import MemoryStore
 from fastmem.training import MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
@@ -53,6 +57,8 @@ from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 # predictions before any training (MemoryBank.prefixes)
 KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": partial(MemoryBank.prefixes, init="tokens")}
 GRANULARITIES = ("problem", "cluster")
+# a problem's random streams, ``stream_seed(seed, position in the stream, STREAM)``
+TREATED_SAMPLES, CONTROL_SAMPLES, RESAMPLED, FRESH_MEMORY = range(4)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,12 @@ class OnlineLearner:
     sampling, training and the retrieval keys all use (`encode`). ``extract_answer`` maps a sample's
     text to its final answer (None when absent; default `fastmem.voting.extract_answer`: boxed,
     marked or last number), ``equivalent`` compares two answers, ``embed_fn``
-    maps a list of questions to keys ``[B, d]``.
+    maps a list of questions to keys ``[B, d]``. seed: names every random stream: the question at position p of
+    the stream (counted over `solve` calls, ``problems_done``) draws its samples and its fresh memory from
+    streams seeded ``stream_seed(seed, p, stream)``, whatever else shares its batch. process_group: a
+    `torch.distributed` process group; every rank constructs the learner with the same settings and an equal
+    store (checked: ValueError), then calls `solve` with the same questions: each batch is split across the
+    ranks, and every rank ends it with the same store and returns every result (`fastmem.distributed`).
 
     The defaults (prefix memories, one per cluster at similarity 0.9, lr 3e-2, 4 steps, gate off with 2
     control samples still voting, no confidence filter, no replay) are the best of the configurations
@@ -110,7 +121,7 @@ class OnlineLearner:
                  resample: bool = False, batch_size: int = 16,
                  extract_answer: Callable[[str], str | None] = extract_answer,
                  equivalent: Callable[[str, str], bool] = answers_equivalent,
-                 embed_fn: Callable[[list[str]], Tensor] | None = None, seed: int = 0):
+                 embed_fn: Callable[[list[str]], Tensor] | None = None, seed: int = 0, process_group=None):
         import fastmem
 
         if kind not in KINDS:
@@ -146,7 +157,22 @@ class OnlineLearner:
         self.extract_answer = extract_answer
         self.equivalent = equivalent
         self.embed_fn = embed_fn or self.embed
-        self.seed, self.batches_done = seed, 0
+        self.seed, self.batches_done, self.problems_done = seed, 0, 0
+        self.process_group = process_group
+        self.rank, self.world = (0, 1) if process_group is None else (process_group.rank(), process_group.size())
+        if process_group is not None:
+            self._check_ranks_agree()
+
+    def _check_ranks_agree(self) -> None:
+        """ValueError unless every rank of the group has this rank's settings and an equal store (the same ids)."""
+        plain = (int, float, str, bool, list, tuple, type(None))
+        mine = {name: value for name, value in vars(self).items() if isinstance(value, plain) and name != "rank"}
+        mine["store ids"] = self.store.ids
+        reference = all_gather(mine, self.process_group, "the learners' settings")[0]
+        differing = sorted(name for name in mine if mine[name] != reference.get(name))
+        if differing:
+            raise ValueError(f"rank {self.rank}'s learner differs from rank 0's in {', '.join(differing)}: every "
+                             "rank needs the same settings and an equal store")
 
     def encode(self, question: str) -> list[int]:
         """The prompt token ids of ``question`` (`PromptFormat.encode`): what is sampled, trained and keyed on."""
@@ -183,46 +209,41 @@ class OnlineLearner:
     # -- one batch ------------------------------------------------------------------------------
 
     def _solve_batch(self, questions: list[str]) -> list[Result]:
-        keys = self.embed_fn(questions).float()
+        """One batch, on this rank's share, then the exchange and the store updates every rank applies alike
+        (`fastmem.distributed`, steps 1-4)."""
+        first, mine = self.problems_done, share(len(questions), self.rank, self.world)
+        own_keys = self.embed_fn([questions[i] for i in mine]).float() if mine else None
+        parts = self._exchange({"keys": own_keys, "batch": (first, zlib.crc32("\n".join(questions).encode()))},
+                               "question keys")
+        if len({part["batch"] for part in parts}) > 1:
+            raise ValueError(f"the ranks were given different batches (first position, checksum per rank: "
+                             f"{[part['batch'] for part in parts]}): every rank must solve the same questions")
+        keys = torch.cat([part["keys"] for part in parts if part["keys"] is not None]).to(self.model.device)
         scores, ids = self.store.search(keys, self.top_k)
         plans = [self._plan(score_row, id_row) for score_row, id_row in zip(scores.tolist(), ids.tolist())]
         replayed = self._replayed(plans)        # (cluster, prompt, traces) of remembered problems
-        bank = KINDS[self.kind](self.model, slots=len(questions) + len(replayed), length=self.length)
-        bank.to(self.model.device)
-        for slot, plan in enumerate(plans):
-            if plan.start is not None:
-                _write_vector(bank, slot, plan.start)
-        for offset, (cluster, _, _) in enumerate(replayed):
-            _write_vector(bank, len(questions) + offset, self.store.get(cluster)[0])
+        owners = [self._owner(next(i for i, plan in enumerate(plans) if plan.cluster == cluster), len(questions))
+                  for cluster, _, _ in replayed]
         prompts = [self.encode(q) for q in questions]
-        seed = self.seed * 1_000_003 + self.batches_done
-        uses = torch.tensor([slot if plan.use else -1 for slot, plan in enumerate(plans)])
-        treated = self._sample(prompts, bank, uses, self.n - self.control, seed)
-        control = self._sample(prompts, None, None, self.control, seed + 1) if self.control else [[] for _ in prompts]
-        samples = [t + c for t, c in zip(treated, control)]
-        answers = [[self.extract_answer(s.text) for s in row] for row in samples]
-        votes = [majority_vote(row, self.equivalent) for row in answers]
+        parts = self._exchange(self._work(prompts, plans, replayed, owners, mine, first),
+                               "trained memories and samples")
 
-        trainer = MemoryTrainer(self.model, bank, lr=self.lr, objective=self.objective)
+        rows = [(rank, row) for rank in range(self.world)
+                for row in range(len(share(len(questions), rank, self.world)))]
+        taken = [len(share(len(questions), rank, self.world)) for rank in range(self.world)]
+        for owner in owners:                    # replayed problems after the questions, in `replayed` order
+            rows.append((owner, taken[owner]))
+            taken[owner] += 1
+        vectors = torch.stack([parts[rank]["vectors"][row] for rank, row in rows]).to(self.model.device)
+        signal = [parts[rank]["signal"][row] for rank, row in rows]
+        samples, answers, votes, rewards, resampled = ([item for part in parts for item in part[name]] for name
+                                                       in ("samples", "answers", "votes", "rewards", "resampled"))
         traces = [[list(s.token_ids) for s in row] for row in samples]
-        rewards = [[float(agrees) if vote.share >= self.min_share else 0.0 for agrees in vote.agrees]
-                   for vote in votes]
-        all_prompts = prompts + [prompt for _, prompt, _ in replayed]
-        all_traces = traces + [kept for _, _, kept in replayed]
-        all_rewards = rewards + [[1.0] * len(kept) for _, _, kept in replayed]
-        signal = [trains_on(row, self.objective) for row in all_rewards]
-        for _ in range(self.steps if any(signal) else 0):
-            trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
-        resampled = [[] for _ in questions]
-        if self.resample:
-            fresh = self._sample(prompts, bank, torch.arange(len(questions)), self.n, seed + 2)
-            resampled = [[self.extract_answer(s.text) for s in row] for row in fresh]
-            votes = [majority_vote(row, self.equivalent) for row in resampled]
-
         batch = _Batch(questions, prompts, keys, traces, rewards, votes, signal, replayed)
-        memory_ids = self._store(batch, bank, plans)
+        memory_ids = self._store(batch, vectors, plans)
         self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
         self.batches_done += 1
+        self.problems_done += len(questions)
         if self.consolidate_every and self.batches_done % self.consolidate_every == 0:
             self.store.consolidate(self.consolidate_threshold)
         return [Result(question=q, answer=vote.answer, vote_share=vote.share, memory_id=memory_id,
@@ -231,13 +252,70 @@ class OnlineLearner:
                 for q, vote, memory_id, plan, row, row_answers, row_resampled
                 in zip(questions, votes, memory_ids, plans, samples, answers, resampled)]
 
-    def _sample(self, prompts, bank, index, n, seed):
-        kwargs = dict(bank=bank, index=index) if bank is not None and bool((index >= 0).any()) else {}
-        return self.sample(prompts, n, seed, **kwargs)
+    def _owner(self, question: int, count: int) -> int:
+        """The rank whose share of a batch of ``count`` questions holds question ``question``."""
+        return next(rank for rank in range(self.world) if question in share(count, rank, self.world))
 
-    def sample(self, prompts: list[list[int]], n: int, seed: int, temperature: float | None = None, **memory):
+    def _exchange(self, value: dict, what: str) -> list[dict]:
+        return all_gather(value, self.process_group, f"{what} of batch {self.batches_done}")
+
+    def _work(self, prompts, plans, replayed, owners, mine: range, first: int) -> dict:
+        """This rank's part of a batch: sample, vote and train the memories of questions ``mine`` (stream
+        positions ``first + i``) and of the replayed problems it owns. Returns what exchange 2 carries:
+        ``vectors [S, F]`` fp32 (its question slots, then its replayed ones), and per question ``samples``,
+        ``answers``, ``votes``, ``rewards``, then per slot ``signal``."""
+        if not mine:
+            return dict(vectors=None, samples=[], answers=[], votes=[], rewards=[], resampled=[], signal=[])
+        own_replayed = [item for item, owner in zip(replayed, owners) if owner == self.rank]
+        # a fresh memory: drawn from its problem's own stream (the replayed slots are overwritten below)
+        generators = [torch.Generator().manual_seed(stream_seed(self.seed, first + i, FRESH_MEMORY)) for i in mine]
+        bank = KINDS[self.kind](self.model, slots=len(mine) + len(own_replayed), length=self.length,
+                                generator=generators + [torch.Generator() for _ in own_replayed])
+        for slot, i in enumerate(mine):
+            if plans[i].start is not None:
+                _write_vector(bank, slot, plans[i].start)
+        for offset, (cluster, _, _) in enumerate(own_replayed):
+            _write_vector(bank, len(mine) + offset, self.store.get(cluster)[0])
+        own_prompts = [prompts[i] for i in mine]
+
+        def seeds(stream: int) -> list[int]:
+            return [stream_seed(self.seed, first + i, stream) for i in mine]
+
+        uses = torch.tensor([slot if plans[i].use else -1 for slot, i in enumerate(mine)])
+        treated = self._sample(own_prompts, bank, uses, self.n - self.control, seeds(TREATED_SAMPLES))
+        control = (self._sample(own_prompts, None, None, self.control, seeds(CONTROL_SAMPLES)) if self.control
+                   else [[] for _ in own_prompts])
+        samples = [t + c for t, c in zip(treated, control)]
+        answers = [[self.extract_answer(s.text) for s in row] for row in samples]
+        votes = [majority_vote(row, self.equivalent) for row in answers]
+
+        trainer = MemoryTrainer(self.model, bank, lr=self.lr, objective=self.objective)
+        traces = [[list(s.token_ids) for s in row] for row in samples]
+        rewards = [[float(agrees) if vote.share >= self.min_share else 0.0 for agrees in vote.agrees]
+                   for vote in votes]
+        all_prompts = own_prompts + [prompt for _, prompt, _ in own_replayed]
+        all_traces = traces + [kept for _, _, kept in own_replayed]
+        all_rewards = rewards + [[1.0] * len(kept) for _, _, kept in own_replayed]
+        signal = [trains_on(row, self.objective) for row in all_rewards]
+        for _ in range(self.steps if any(signal) else 0):
+            trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
+        resampled = [[] for _ in mine]
+        if self.resample:
+            fresh = self._sample(own_prompts, bank, torch.arange(len(mine)), self.n, seeds(RESAMPLED))
+            resampled = [[self.extract_answer(s.text) for s in row] for row in fresh]
+            votes = [majority_vote(row, self.equivalent) for row in resampled]
+        return dict(vectors=_read_vectors(bank), samples=samples, answers=answers, votes=votes, rewards=rewards,
+                    resampled=resampled, signal=signal)
+
+    def _sample(self, prompts, bank, index, n, seeds):
+        kwargs = dict(bank=bank, index=index) if bank is not None and bool((index >= 0).any()) else {}
+        return self.sample(prompts, n, seeds, **kwargs)
+
+    def sample(self, prompts: list[list[int]], n: int, seed: int | list[int], temperature: float | None = None,
+               **memory):
         """`fastmem.sample` with this learner's sampling settings (``temperature`` overrides its own; greedy
-        at 0); ``memory``: ``bank`` and ``index``, or nothing."""
+        at 0); ``seed``: as `fastmem.sample`'s (one per prompt: draws independent of the batch); ``memory``:
+        ``bank`` and ``index``, or nothing."""
         return sample(self.model, prompts, n=n, max_new_tokens=self.max_new_tokens,
                       temperature=self.temperature if temperature is None else temperature, top_p=self.top_p,
                       top_k=self.sample_top_k, min_p=self.min_p, stop=self.stop or None, seed=seed,
@@ -274,9 +352,10 @@ class OnlineLearner:
         trials = meta.get("gate_trials", 0)
         return trials < self.gate_trials or meta.get("gate_gain", 0.0) >= 0
 
-    def _store(self, batch: "_Batch", bank, plans) -> list[int]:
+    def _store(self, batch: "_Batch", vectors: Tensor, plans) -> list[int]:
+        """Add or update the batch's store entries in stream order; ``vectors [S, F]``: every slot's trained
+        memory (questions, then replayed problems). Returns each question's entry id."""
         questions, keys, votes = batch.questions, batch.keys, batch.votes
-        vectors = _read_vectors(bank)
         gains = [_agreement_gain(vote, self.n - self.control) if plan.use else None
                  for plan, vote in zip(plans, votes)]
         ids: list[int] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import ClassVar
+from typing import Callable, ClassVar, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +33,9 @@ FORMAT = "fastmem.MemoryBank"
 FORMAT_VERSION = 1
 HEADER_KEY = "fastmem"
 OPTIMIZER_PREFIX = "optimizer_"      # buffers (and saved tensors) holding per-slot optimizer state
+# What draws a new bank's random initial values: torch's global generator (None), one generator (on its own
+# device), or one per slot (slot s draws from its own alone: its values do not depend on the other slots).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 class MemoryBank(nn.Module):
@@ -63,8 +66,9 @@ class MemoryBank(nn.Module):
 
     @classmethod
     def initial_tensors(cls, model, shape: ModelShape, slots: int, length: int, dtype: torch.dtype,
-                        init: str) -> dict[str, Tensor]:
-        """Name -> initial value of each parameter (``init``: the kind's initialization, see its constructor)."""
+                        init: str, generator: Generators = None) -> dict[str, Tensor]:
+        """Name -> initial value of each parameter, on the model's device (``init``: the kind's initialization,
+        see its constructor; ``generator``: see `Generators`)."""
         raise NotImplementedError
 
     def adapter_tensors(self, adapter: PromptAdapter) -> dict[str, Tensor]:
@@ -82,23 +86,28 @@ class MemoryBank(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _create(cls, model, slots: int, length: int, dtype: torch.dtype | None, init: str) -> "MemoryBank":
+    def _create(cls, model, slots: int, length: int, dtype: torch.dtype | None, init: str,
+                generator: Generators) -> "MemoryBank":
         if not (isinstance(slots, int) and isinstance(length, int) and slots > 0 and length > 0):
             raise ValueError(f"slots and length must be positive ints; got slots={slots!r}, length={length!r}")
         if init not in cls.INITS:
             raise ValueError(f"init must be one of {', '.join(cls.INITS)} for {cls.kind} memories; got {init!r}")
         shape = model_shape(model)
-        tensors = cls.initial_tensors(model, shape, slots, length, dtype or model.dtype, init)
+        if isinstance(generator, (list, tuple)) and len(generator) != slots:
+            raise ValueError(f"pass one generator per slot: {slots} slots, {len(generator)} generators")
+        tensors = cls.initial_tensors(model, shape, slots, length, dtype or model.dtype, init, generator)
         return cls(shape, torch.full((slots,), length, dtype=torch.long, device=model.device), tensors)
 
     @classmethod
-    def soft_prompts(cls, model, slots: int, length: int, dtype: torch.dtype | None = None) -> "SoftPromptBank":
-        """S soft prompts ``[S, P, hidden]``, initialized from the embeddings of random vocabulary tokens."""
-        return SoftPromptBank._create(model, slots, length, dtype, "tokens")
+    def soft_prompts(cls, model, slots: int, length: int, dtype: torch.dtype | None = None,
+                     generator: Generators = None) -> "SoftPromptBank":
+        """S soft prompts ``[S, P, hidden]``, initialized from the embeddings of random vocabulary tokens (drawn
+        by ``generator``: `Generators`)."""
+        return SoftPromptBank._create(model, slots, length, dtype, "tokens", generator)
 
     @classmethod
     def prefixes(cls, model, slots: int, length: int, dtype: torch.dtype | None = None,
-                 init: str = "normal") -> "PrefixBank":
+                 init: str = "normal", generator: Generators = None) -> "PrefixBank":
         """S prefixes: keys and values ``[L, S, P, Hkv, D]``.
 
         init: ``"normal"``, N(0, 1) as PEFT does; or ``"tokens"``, each slot the keys and values ``model``
@@ -106,9 +115,10 @@ class MemoryBank(nn.Module):
         the prefix that a fresh soft prompt of those tokens' embeddings amounts to (Li & Liang 2021
         initialize prefixes from real words' activations). On SmolLM2-135M-Instruct an untrained N(0, 1)
         prefix of 8 positions moves the next-token distribution of a prompt by 1-6 nats (KL) and changes
-        its top token in 7 of 8 prompts; random tokens' embeddings move it by 0.02-0.07 nats.
+        its top token in 7 of 8 prompts; random tokens' embeddings move it by 0.02-0.07 nats. generator: what
+        draws the normal values or the tokens (`Generators`).
         """
-        return PrefixBank._create(model, slots, length, dtype, init)
+        return PrefixBank._create(model, slots, length, dtype, init, generator)
 
     @property
     def num_slots(self) -> int:
@@ -272,9 +282,10 @@ class SoftPromptBank(MemoryBank):
     INITS = ("tokens",)
 
     @classmethod
-    def initial_tensors(cls, model, shape, slots, length, dtype, init):
+    def initial_tensors(cls, model, shape, slots, length, dtype, init, generator=None):
         with torch.no_grad():
-            return {"embeddings": model.get_input_embeddings()(_random_tokens(model, slots, length)).to(dtype)}
+            tokens = _random_tokens(model, slots, length, generator)
+            return {"embeddings": model.get_input_embeddings()(tokens).to(dtype)}
 
     def adapter_tensors(self, adapter):
         if adapter.token_dim != self.model_shape.hidden_size:
@@ -302,13 +313,14 @@ class PrefixBank(MemoryBank):
     INITS = ("normal", "tokens")
 
     @classmethod
-    def initial_tensors(cls, model, shape, slots, length, dtype, init):
+    def initial_tensors(cls, model, shape, slots, length, dtype, init, generator=None):
         if init == "normal":
-            return {name: torch.randn(size, dtype=dtype, device=model.device)
+            return {name: _random(model, slots, generator, lambda count, one, device: torch.randn(
+                        size[:1] + (count,) + size[2:], dtype=dtype, generator=one, device=device), dim=1)
                     for name, size in cls.tensor_shapes(shape, slots, length).items()}
         check_patched(model)
         with torch.no_grad():
-            pool = shared_prefix(model, None, list(_random_tokens(model, slots, length))).pool
+            pool = shared_prefix(model, None, list(_random_tokens(model, slots, length, generator))).pool
         return {"keys": torch.stack([keys for keys, _ in pool.layers]).to(dtype),
                 "values": torch.stack([values for _, values in pool.layers]).to(dtype)}
 
@@ -329,6 +341,15 @@ class PrefixBank(MemoryBank):
         return Memory(pool, index)
 
 
-def _random_tokens(model, slots: int, length: int) -> Tensor:
-    """``[slots, length]`` token ids drawn uniformly from the vocabulary with torch's global generator."""
-    return torch.randint(model.config.vocab_size, (slots, length), device=model.device)
+def _random(model, slots: int, generator: Generators, draw: Callable, dim: int = 0) -> Tensor:
+    """Random initial values of ``slots`` slots, along ``dim``, on the model's device: ``draw(count, generator,
+    device)`` draws ``count`` slots' values; with one generator per slot, slot s's are ``generator[s]``'s."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([draw(1, one, one.device).to(model.device) for one in generator], dim=dim)
+    return draw(slots, generator, model.device if generator is None else generator.device).to(model.device)
+
+
+def _random_tokens(model, slots: int, length: int, generator: Generators) -> Tensor:
+    """``[slots, length]`` token ids drawn uniformly from the vocabulary (`_random`)."""
+    return _random(model, slots, generator, lambda count, one, device: torch.randint(
+        model.config.vocab_size, (count, length), generator=one, device=device))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +145,15 @@ def filtered_probs(logits: Tensor, temperature: float, top_p: float = 1.0, top_k
     return probs
 
 
-def _next_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+def _next_tokens(logits: Tensor, temperature: float, top_p: float, uniform: Tensor,
                  top_k: int = 0, min_p: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per row of ``logits [R, V]``: the chosen token ``[R]`` (long) and its fp32 log-probability under the
     model (temperature 1, no filters).
 
     A draw is one pass of inverse-CDF sampling: the row's unnormalized weights (``exp((logits - max) /
     temperature)``, or `filtered_probs` when a filter is on), their running sum, and the first token whose
-    running sum exceeds ``u * total`` for one uniform ``u`` per row from ``generator``. At temperature 1
-    without filters the same exponentials give the log-probability's normalizer, so a step costs one
+    running sum exceeds ``u * total`` for the row's uniform ``u`` (``uniform [R]`` fp32 in [0, 1), unused
+    when greedy). At temperature 1 without filters the same exponentials give the log-probability's normalizer, so a step costs one
     exponential, one running sum and one search over the vocabulary (``torch.multinomial`` of a softmax
     plus a log-softmax cost three normalizations: 6x slower at 128 rows x 49,152 tokens on one CPU core).
     The running sum is stored in fp32 (CPU torch accumulates it in fp64), so each token's probability
@@ -172,11 +173,70 @@ def _next_tokens(logits: Tensor, temperature: float, top_p: float, generator: to
             weights = exponentials if temperature == 1 else (shifted / temperature).exp()
         cumulative = weights.cumsum(dim=-1)
         total = cumulative[:, -1:]
-        uniform = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype)
         # u * total < total also after rounding, so the search never runs past the last token of nonzero weight
-        threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        threshold = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens = torch.searchsorted(cumulative, threshold, right=True).squeeze(1)
     return tokens, (shifted.gather(1, tokens[:, None]) - log_normalizer).squeeze(1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(state: int) -> int:
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state ^ (state >> 31)
+
+
+def stream_seed(*parts: int) -> int:
+    """The seed, in ``[0, 2**63)``, of the random stream named by the integers ``parts`` (any sign and size;
+    e.g. a run's seed, a problem's position in its stream, a purpose): one SplitMix64 step per part, so
+    tuples that differ anywhere name unrelated streams. Plain integer arithmetic: the same on every machine."""
+    state = 0
+    for part in parts:
+        state = _splitmix64(state ^ (operator.index(part) & _MASK64))
+    return state >> 1
+
+
+def _prompt_seeds(seed, prompts: int) -> list[int]:
+    """Each prompt's stream seed (see `sample`); ValueError unless ``seed`` is None, an int, or one int in
+    ``[0, 2**64)`` per prompt."""
+    if seed is None:
+        return torch.randint(1 << 62, (prompts,)).tolist()
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return [stream_seed(seed, b) for b in range(prompts)]
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    if seeds is None or len(seeds) != prompts or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= _MASK64 for s in seeds):
+        raise ValueError(f"seed must be None, an int, or a list of {prompts} ints in [0, 2**64) (one per prompt); "
+                         f"got {seed!r}")
+    return seeds
+
+
+class _Uniforms:
+    """One uniform in [0, 1) per sample and decoding step. The n samples of prompt b read the generator seeded
+    ``seeds[b]`` on the host, `BLOCK` steps at a time (``[n, BLOCK]`` per draw), so a sample's draws depend
+    on its prompt's seed and its own index only: not on the other prompts of the batch, not on which rows
+    still run, not on the device."""
+
+    BLOCK = 32
+
+    def __init__(self, seeds: list[int], n: int, device):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.n, self.device = n, device
+        self.samples = torch.arange(len(seeds) * n, device=device)   # the sample each decoding row draws for
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only decoding ``rows`` (as `_LockstepDecoder.keep`)."""
+        self.samples = self.samples[rows]
+
+    def at(self, step: int) -> Tensor:
+        """The running rows' draws at ``step`` ``[R]`` fp32; steps are asked for in order from 0."""
+        if step % self.BLOCK == 0:
+            self.block = torch.cat([torch.rand(self.n, self.BLOCK, generator=generator)
+                                    for generator in self.generators]).to(self.device)
+        return self.block[self.samples, step % self.BLOCK]
 
 
 class _LockstepDecoder:
@@ -266,7 +326,7 @@ class _Progress:
 
 def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_tokens: int = 256,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, eos_token_id=None,
-           stop=None, seed: int | None = None, tokenizer=None) -> list[list[Sample]]:
+           stop=None, seed: int | list[int] | None = None, tokenizer=None) -> list[list[Sample]]:
     """``n`` samples for each of B prompts, each prompt computed once (with its memory) and shared.
 
     model: patched with `fastmem.patch`. input_ids: B prompts, each a non-empty list (or 1-D tensor) of token
@@ -278,8 +338,11 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
     ``min_p`` times as likely as the most likely one when ``min_p > 0`` (`filtered_probs`). eos_token_id:
     an id or ids that end a sample (None: ``model.generation_config.eos_token_id``, as ``generate``;
     ``()`` for none). stop: a string or strings that end a sample once its text contains one (needs
-    ``tokenizer``; the tokens that complete it are kept). seed: the same seed (and inputs) gives the same
-    samples; None draws from torch's global generator. tokenizer: decodes ``Sample.text``.
+    ``tokenizer``; the tokens that complete it are kept). seed: prompt b's samples draw from their own random
+    stream (`_Uniforms`), seeded by ``seed[b]`` when ``seed`` is a list of B ints in ``[0, 2**64)``, by
+    ``stream_seed(seed, b)`` when it is an int, from torch's global generator when None: with per-prompt
+    seeds, a prompt's samples do not depend on which other prompts share its batch (up to the rounding of
+    batched kernels), and the same seeds and inputs give the same samples. tokenizer: decodes ``Sample.text``.
 
     Memory + prompt + ``max_new_tokens`` must fit the model's context. Returns ``result[b][j]``, the j-th
     `Sample` of prompt b. Every argument is checked before anything is computed.
@@ -305,7 +368,7 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
         check_fits(model, memory + len(prompt) + max_new_tokens,
                    f"prompt {b} ({memory} memory + {len(prompt)} prompt + {max_new_tokens} new tokens)")
     progress = _Progress(len(prompts) * n, _eos_ids(model, eos_token_id), _stop_strings(stop, tokenizer), tokenizer)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    uniforms = _Uniforms(_prompt_seeds(seed, len(prompts)), n, device)
 
     with torch.inference_mode():
         prefix = shared_prefix(model, None if bank is None else bank.memory_for(model, index), prompts)
@@ -313,7 +376,7 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
         logits = output_logits(model, prefix.last_hidden)[owner]
         decoder = _LockstepDecoder(model, prefix.pool, owner, max_new_tokens - 1)
         for step in range(max_new_tokens):
-            tokens, logprobs = _next_tokens(logits, temperature, top_p, generator, top_k, min_p)
+            tokens, logprobs = _next_tokens(logits, temperature, top_p, uniforms.at(step), top_k, min_p)
             running = progress.record(tokens.tolist(), logprobs.tolist(), last=step == max_new_tokens - 1)
             if not any(running):
                 break
@@ -321,6 +384,7 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
                 rows = [row for row, runs in enumerate(running) if runs]
                 kept = torch.tensor(rows, device=device)
                 decoder.keep(kept)
+                uniforms.keep(kept)
                 progress.keep(rows)
                 tokens = tokens[kept]
             logits = decoder.step(tokens)

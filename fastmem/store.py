@@ -541,13 +541,39 @@ class MemoryStore:
         if self.dir is not None:
             raise TypeError(f"a memory store on disk ({self.dir}) cannot be deep-copied; open it read-only "
                             "with MemoryStore.load(dir, readonly=True) instead")
-        twin = MemoryStore.__new__(MemoryStore)
-        db = sqlite3.connect(":memory:", isolation_level=None)
-        self._db.backup(db)
-        twin._attach(None, db, None, readonly=False, index=self.index)
-        twin._state = dict(self._state)
-        twin._load_ram()
-        return twin
+        return self.snapshot()
+
+    def snapshot(self) -> "MemoryStore":
+        """An independent store in memory (no dir, no lock) holding every entry as this handle sees it, saved
+        or not. Pickling a store pickles such a snapshot: how rank 0 hands its store to the other ranks."""
+        db = sqlite3.connect(":memory:", isolation_level=None)   # rows copied through this handle: its own
+        _create(db, self._state)                                  # unsaved changes included (a backup waits
+        for table, columns in (("entries", 7), ("memories", 3)):  # on the writer's open transaction)
+            rows = self._db.execute(f"SELECT * FROM {table} ORDER BY id")
+            while chunk := rows.fetchmany(4096):
+                db.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * columns)})", chunk)
+        return _attached(db, dict(self._state), self.index)
+
+    def __reduce__(self):
+        snapshot = self.snapshot()   # held while serializing: a dropped store closes its database
+        return _from_serialized, (snapshot._db.serialize(), dict(self._state), self.index)
+
+
+def _from_serialized(data: bytes, state: dict, index: str) -> MemoryStore:
+    """The in-memory store of a serialized in-memory database (a pickled `MemoryStore.snapshot`)."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.deserialize(data)
+    return _attached(db, state, index)
+
+
+def _attached(db: sqlite3.Connection, state: dict, index: str) -> MemoryStore:
+    """A store without a dir on the in-memory database ``db``."""
+    store = MemoryStore.__new__(MemoryStore)
+    store._attach(None, db, None, readonly=False, index=index)
+    store._state = state
+    with store._reading():
+        store._load_ram()
+    return store
 
 
 class _KeyIndex:

@@ -24,6 +24,7 @@ HF_FACING_MODULES = frozenset({
     "test_bench.py",     # the HF + PEFT baselines the benchmarks compare against
     "test_models.py",    # fastmem.load_model / save_model: HF folders, GGUF files, the hub cache
     "test_cli.py",       # `python -m fastmem run` options, data files and prompts on a tiny Llama
+    "test_distributed.py",  # `fastmem run` on two gloo processes (the shipped model) against one process
     "test_real_model.py",  # SmolLM2-135M-Instruct (scripts/real_model.py) against PEFT, fp64, uncached
 })
 

@@ -18,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not part of the installed package
 
-from bench import harness, learning, real, throughput  # noqa: E402
+from bench import harness, learning, ranks, real, throughput  # noqa: E402
 from bench import store as bench_store  # noqa: E402
 from bench.baselines import (concat_cache_decode, mean_hidden_state, peft_online_loop,  # noqa: E402
                              peft_prefix_attention, prompt_weight, trace_batch)
@@ -54,11 +54,12 @@ def test_smoke_run_reports_every_row(tmp_path):
     end_to_end = {("train", "PEFT prompt tuning (one problem at a time)"),
                   ("train", "PEFT prefix tuning (one problem at a time)"), ("train", "fastmem MemoryTrainer"),
                   ("sample", "HF generate + PEFT prompt tuning (one prompt at a time)"), ("sample", "fastmem.sample"),
-                  ("loop", "HF + PEFT prefix tuning loop (one problem at a time)"), ("loop", "fastmem OnlineLearner")}
+                  ("loop", "HF + PEFT prefix tuning loop (one problem at a time)"), ("loop", "fastmem OnlineLearner"),
+                  ("loop", ranks.ONE_PROCESS), ("loop", ranks.TWO_PROCESSES)}
     expected |= {(section, provider, "end-to-end") for section, provider in end_to_end}
     assert {(row["section"], row["provider"], row["mode"]) for row in rows} == expected
     assert {row["case"] for row in rows if row["section"] == "attention"} == {"distinct slots", "2 rows/slot"}
-    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + (1 + len(fastmem_rows)) + 2 * 2 + 2 + 2
+    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + (1 + len(fastmem_rows)) + 2 * 2 + 2 + 2 + 2
     for row in rows:
         assert f"| {row['section']} | {row['case']} | {row['provider']} | {row['mode']} |" in table
         assert row["median_ms"] > 0
@@ -69,19 +70,21 @@ def test_smoke_run_reports_every_row(tmp_path):
             assert row["gflops_per_s"] > 0 and row["rate_per_s"] is None
         if row["baseline"] not in (None, row["provider"]) and row["section"] not in ("sample", "loop"):
             assert row["max_abs_diff_vs_baseline"] < 1e-4, row["id"]  # fastmem computed what its baseline did
-        if row["section"] in ("sample", "loop"):  # random samples: not compared
+        if row["provider"] == ranks.TWO_PROCESSES:  # the same per-problem random streams on 1 and 2 ranks
+            assert row["max_abs_diff_vs_baseline"] == 0
+        elif row["section"] in ("sample", "loop"):  # random samples: not compared
             assert row["max_abs_diff_vs_baseline"] is None
     assert {row["case"] for row in rows if row["section"] == "train"} == {
         "3 problems, soft prompt; random Llama 64x2", "3 problems, prefix; random Llama 64x2"}
     assert all(row["shape"]["model"]["name"] for row in rows if row["mode"] == "end-to-end")
 
     assert {row["provider"] for row in rows if row["targets"]} == {
-        auto, "fastmem MemoryTrainer", "fastmem.sample", "fastmem OnlineLearner"}
+        auto, "fastmem MemoryTrainer", "fastmem.sample", "fastmem OnlineLearner", ranks.TWO_PROCESSES}
     # One summary line per target: speedup and ceiling for 2 attention workloads x 2 modes, speedup for decode,
-    # for both train workloads, for sample and for loop.
+    # for both train workloads, for sample and for loop (against PEFT, and 2 processes against 1).
     summary = [line for line in table.splitlines() if line.startswith("- ") and "; target >=" in line]
-    assert len(summary) == 2 * 2 * 2 + 1 + 2 + 1 + 1
-    assert sum("problems/s); target" in line for line in summary) == 3
+    assert len(summary) == 2 * 2 * 2 + 1 + 2 + 1 + 2
+    assert sum("problems/s); target" in line for line in summary) == 4
     assert sum("tokens/s); target" in line for line in summary) == 1
     for name in ("train", "sample", "loop"):
         assert f"- {report['notes'][name]}." in table

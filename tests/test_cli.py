@@ -45,6 +45,7 @@ def no_model_load(monkeypatch):
 
 BAD_OPTIONS = [
     (["--limit", "0"], "--limit"),
+    (["--rank-timeout", "0"], "--rank-timeout"),
     (["--n", "1"], "--control"),
     (["--n", "4", "--control", "4"], "--control"),
     (["--n", "0"], "--n"),

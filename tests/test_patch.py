@@ -355,6 +355,24 @@ def test_prefix_from_tokens_is_the_soft_prompt_of_those_tokens(arch):
         MemoryBank.prefixes(make_model(arch), slots=1, length=2, init="tokens")
 
 
+@pytest.mark.parametrize("make", [MemoryBank.soft_prompts, MemoryBank.prefixes,
+                                  functools.partial(MemoryBank.prefixes, init="tokens")])
+def test_a_slot_with_its_own_generator_does_not_depend_on_the_others(make):
+    """One generator per slot: a slot's initial values are its generator's, whatever the other slots are."""
+    model = patch(make_model("llama"))
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    together, alone = make(model, slots=3, length=4, generator=generators(5, 6, 7)), make(
+        model, slots=1, length=4, generator=generators(6))
+    for name, parameter in together.named_parameters():
+        slot = (slice(None),) * together.SLOT_DIM + (slice(1, 2),)
+        torch.testing.assert_close(parameter.detach()[slot], getattr(alone, name).detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one generator per slot: 2 slots, 1 generators"):
+        make(model, slots=2, length=4, generator=generators(1))
+
+
 def test_bad_input_is_refused_before_any_computation():
     model = make_model("llama")
     bank = MemoryBank.soft_prompts(model, slots=2, length=3)

@@ -10,7 +10,7 @@ import torch
 from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank
 
 from fastmem import inject, patch
-from fastmem.sampling import _LockstepDecoder, _next_tokens, filtered_probs, sample
+from fastmem.sampling import _LockstepDecoder, _next_tokens, filtered_probs, sample, stream_seed
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -132,6 +132,26 @@ def test_same_seed_same_samples():
     assert draws[0] != draws[2]
 
 
+def test_a_prompts_samples_do_not_depend_on_its_batch():
+    """With one seed per prompt, a prompt's samples are the same alone, at another index, in another batch, and
+    whichever rows finish early (eos ids frequent: rows are compacted); an int seed names the per-prompt seeds
+    ``stream_seed(seed, b)``."""
+    model = patch(make_model("llama"))
+    prompts, seeds = make_prompts(lengths=[5, 5, 5]), [11, 12, 2**64 - 1]   # equal lengths: the same padding
+    options = dict(n=3, max_new_tokens=8, eos_token_id=list(range(3, 13)))
+
+    def tokens(result):
+        return [[(drawn.token_ids, drawn.finish_reason) for drawn in row] for row in result]
+
+    together = tokens(sample(model, prompts, seed=seeds, **options))
+    assert {reason for row in together for _, reason in row} == {"eos", "length"}
+    assert together == [tokens(sample(model, [prompt], seed=[seed], **options))[0]
+                        for prompt, seed in zip(prompts, seeds)]
+    assert tokens(sample(model, prompts[::-1], seed=seeds[::-1], **options)) == together[::-1]
+    assert tokens(sample(model, prompts, seed=7, **options)) == tokens(
+        sample(model, prompts, seed=[stream_seed(7, b) for b in range(3)], **options))
+
+
 def test_a_tiny_nucleus_is_greedy():
     model = patch(make_model("llama"))
     memory, prompts = memory_args(model, "soft_prompt"), make_prompts()
@@ -211,7 +231,7 @@ def test_drawn_tokens_follow_the_filtered_distribution(temperature, top_p, top_k
     logits = torch.randn(1, 24, generator=torch.Generator().manual_seed(11)) * 2
     expected = reference_filtered_probs(logits, temperature, top_p, top_k, min_p)[0]
     tokens, logprobs = _next_tokens(logits.expand(draws, -1), temperature, top_p,
-                                    torch.Generator().manual_seed(0), top_k, min_p)
+                                    torch.rand(draws, generator=torch.Generator().manual_seed(0)), top_k, min_p)
     frequency = torch.bincount(tokens, minlength=logits.shape[1]).double() / draws
     assert bool((frequency[expected == 0] == 0).all())
     standard_error = (expected * (1 - expected) / draws).sqrt()
@@ -277,6 +297,8 @@ def test_bad_input_is_refused_before_any_computation():
         (ValueError, "min_p must lie in", dict(min_p=1.0)),
         (ValueError, "min_p must lie in", dict(min_p=-0.1)),
         (ValueError, "n must be a positive int", dict(n=0)),
+        (ValueError, "seed must be None, an int, or a list of 4 ints", dict(seed=[1, 2, 3])),
+        (ValueError, "seed must be None, an int, or a list of 4 ints", dict(seed=[1, 2, 3, -1])),
     ]
     for error, message, kwargs in cases:
         with pytest.raises(error, match=message):
