@@ -79,6 +79,25 @@ class _Problem:
     traces: list[Tensor]
     weights: list[float]       # per trace; the loss is -sum_j weights[j] * logp(trace_j)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens its forward runs: the prompt and the traces of nonzero weight."""
+        return len(self.prompt) + sum(len(trace) for trace, weight in zip(self.traces, self.weights) if weight != 0)
+
+
+def _groups(items: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """``items`` split in order into consecutive groups whose sizes sum to at most ``budget`` (an item larger
+    than the budget alone)."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for item, size in zip(items, sizes):
+        if total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    return groups
+
 
 def _trace_weights(rewards: list[float], lengths: list[int], objective: str) -> list[float]:
     """Per trace, its factor in ``loss = -sum_j w_j * logp(trace_j)`` (see the module docstring)."""
@@ -107,11 +126,15 @@ class MemoryTrainer:
     mode (attention dropout is refused). bank: the `MemoryBank` whose slots train. objective: "sft" or
     "reinforce". lr, betas, eps: Adam's, as `torch.optim.Adam` (no weight decay), applied per slot with
     per-slot step counts; the state is created in the bank on first use, or continued when the bank holds
-    it (e.g. after `MemoryBank.load`).
+    it (e.g. after `MemoryBank.load`). max_tokens: the most prompt and trace tokens one forward/backward
+    holds; a step runs its problems in consecutive groups under it (a problem's gradient depends on its own
+    tokens only, so the groups give each slot the same gradient, to rounding), bounding the activations a
+    step keeps: on SmolLM2-135M about 1.8 MB per token in fp32 (a step over 16 problems x 8 traces of up to
+    128 tokens in one pass went past 12 GB). A problem larger than max_tokens runs alone.
     """
 
     def __init__(self, model, bank: MemoryBank, lr: float = 1e-2, objective: str = "sft", *,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_tokens: int = 2048):
         check_patched(model)
         if not isinstance(bank, MemoryBank):
             raise TypeError(f"bank must be a fastmem.MemoryBank; got {type(bank).__name__}")
@@ -119,9 +142,12 @@ class MemoryTrainer:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
         if not (lr > 0 and eps >= 0 and len(betas) == 2 and all(0 <= beta < 1 for beta in betas)):
             raise ValueError(f"need lr > 0, eps >= 0 and betas in [0, 1); got lr={lr}, betas={betas}, eps={eps}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int; got {max_tokens!r}")
         bank.validate(model)
         self.model, self.bank, self.objective = model.requires_grad_(False), bank, objective
         self.lr, self.betas, self.eps = float(lr), tuple(map(float, betas)), float(eps)
+        self.max_tokens = max_tokens
         self._adam_state()
 
     def _adam_state(self) -> dict[str, Tensor]:
@@ -200,13 +226,16 @@ class MemoryTrainer:
         active_list = [i for i, has in enumerate(signal) if has]
         if not active_list:
             return SlotGradients(slot_ids, losses, grads, has_signal, 0)
-        active = torch.tensor(active_list, dtype=torch.long, device=device)
-        with torch.enable_grad():
-            active_losses, active_grads, tokens = self._losses_and_grads(
-                [problems[i] for i in active_list], slot_ids[active])
-        losses[active] = active_losses
-        for name, grad in active_grads.items():
-            grads[name].index_copy_(self.bank.SLOT_DIM, active, grad)
+        tokens = 0
+        for group in _groups(active_list, [problems[i].tokens for i in active_list], self.max_tokens):
+            active = torch.tensor(group, dtype=torch.long, device=device)
+            with torch.enable_grad():
+                group_losses, group_grads, group_tokens = self._losses_and_grads(
+                    [problems[i] for i in group], slot_ids[active])
+            losses[active] = group_losses
+            for name, grad in group_grads.items():
+                grads[name].index_copy_(self.bank.SLOT_DIM, active, grad)
+            tokens += group_tokens
         return SlotGradients(slot_ids, losses, grads, has_signal, tokens)
 
     def _losses_and_grads(self, problems: list[_Problem], slots: Tensor) -> tuple[Tensor, dict[str, Tensor], int]:

@@ -107,6 +107,26 @@ def test_batched_gradients_equal_one_problem_at_a_time(kind, objective):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_token_budget_splits_the_step_into_groups_with_the_same_gradients(kind, monkeypatch):
+    """max_tokens small enough to run every problem alone: the same losses and gradients as one pass."""
+    model = patch(make_model("llama"))
+    bank = make_bank(model, kind)
+    prompts, traces, rewards = make_problems(seed=2)
+    whole = MemoryTrainer(model, bank).gradients(prompts, traces, rewards, SLOTS)
+    passes = []
+    original = MemoryTrainer._losses_and_grads
+    monkeypatch.setattr(MemoryTrainer, "_losses_and_grads",
+                        lambda self, problems, slots: passes.append(len(problems)) or original(self, problems, slots))
+    split = MemoryTrainer(model, bank, max_tokens=1).gradients(prompts, traces, rewards, SLOTS)
+    assert passes == [1] * int(whole.has_signal.sum()) and split.tokens == whole.tokens
+    torch.testing.assert_close(split.losses, whole.losses, atol=0, rtol=RTOL)
+    for name, grad in split.grads.items():
+        assert relative_error(grad, whole.grads[name]) < RTOL
+    with pytest.raises(ValueError, match="max_tokens"):
+        MemoryTrainer(model, bank, max_tokens=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_steps_are_per_slot_adam_and_leave_other_slots_bit_identical(kind):
     """Each slot follows torch.optim.Adam on that slot alone (own step count); the rest keep their bits."""
     model = patch(make_model("llama"))
