@@ -481,3 +481,25 @@ def test_non_finite_memories_are_refused_in_every_dtype(dtype):
         with pytest.raises(ValueError, match="non-finite"):   # 1e6 overflows the store's fp16
             store.add(torch.randn(8), memory.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(bad, dtype=dtype)))
     assert len(store) == 1
+
+
+def test_a_snapshot_and_a_pickle_hold_every_entry_unsaved_ones_included(tmp_path):
+    """What rank 0 hands the other ranks: an independent in-memory store with the writer's entries as it
+    sees them (saved or not), bit-identical; the writer and its directory are left as they were."""
+    import pickle
+
+    store, keys, memories = filled_store(count=4, dir=tmp_path / "s")
+    store.save()
+    store.add(keys[0] * 2, memories[0] * 2, question="unsaved")
+    for twin in (store.snapshot(), pickle.loads(pickle.dumps(store))):
+        assert twin.dir is None and twin.ids == store.ids
+        for entry_id in store.ids:
+            assert torch.equal(twin.key(entry_id), store.key(entry_id))
+            (memory, meta), (expected, expected_meta) = twin.get(entry_id), store.get(entry_id)
+            assert torch.equal(memory, expected) and meta == expected_meta
+        twin.add(keys[1], memories[1], question="only in the twin")
+        assert len(twin) == 6 and len(store) == 5
+    store.save()
+    store.close()
+    with MemoryStore.load(tmp_path / "s", readonly=True) as saved:
+        assert len(saved) == 5
