@@ -25,8 +25,6 @@ from fastmem.hf.architectures import model_shape
 from fastmem.hf.inject import (InjectionContext, KVPool, Memory, check_patched, checked_index, memory_lengths,
                                output_logits, run_after_memory, shared_prefix)
 
-FINISH_REASONS = ("eos", "stop", "length")
-
 
 @dataclass(frozen=True)
 class Sample:
