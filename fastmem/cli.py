@@ -79,6 +79,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     learning.add_argument("--lr", type=_positive(float), default=learner["lr"], help="Adam learning rate")
     learning.add_argument("--length", type=_positive(int), default=learner["length"],
                           help="memory positions per slot")
+    learning.add_argument("--prefix-init", choices=("tokens", "normal"), default=learner["prefix_init"],
+                          help="a fresh prefix: the keys and values of random tokens, or N(0, 1) as PEFT")
     learning.add_argument("--gate", action=argparse.BooleanOptionalAction, default=learner["gate"],
                           help="use a retrieved memory only while its samples agree with the vote at least as "
                                "often as the control samples do")
@@ -282,7 +284,8 @@ def _run(args) -> dict:
     except ModelLoadError as error:
         _fail(f"--model: {error}")
     learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
-                            memory=args.memory, length=args.length, lr=args.lr, batch_size=args.batch_size,
+                            memory=args.memory, length=args.length, prefix_init=args.prefix_init, lr=args.lr,
+                            batch_size=args.batch_size,
                             temperature=args.temperature, top_p=args.top_p, sample_top_k=args.top_k,
                             min_p=args.min_p, stop=args.stop, prompt=prompt_format(args),
                             max_new_tokens=args.max_new_tokens, seed=args.seed, gate=args.gate,

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -53,9 +52,7 @@ from fastmem.store import MemoryStore
 from fastmem.training import MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
-# a fresh prefix starts as the keys and values of random tokens: PEFT's N(0, 1) start wrecks a real model's
-# predictions before any training (MemoryBank.prefixes)
-KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": partial(MemoryBank.prefixes, init="tokens")}
+KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
 GRANULARITIES = ("problem", "cluster")
 # a problem's random streams, ``stream_seed(seed, position in the stream, STREAM)``
 TREATED_SAMPLES, CONTROL_SAMPLES, RESAMPLED, FRESH_MEMORY = range(4)
@@ -111,7 +108,8 @@ class OnlineLearner:
     """
 
     def __init__(self, model, tokenizer, store: MemoryStore, n: int = 8, steps: int = 4, top_k: int = 2,
-                 kind: str = "prefix", memory: str = "cluster", *, length: int = 8, lr: float = 3e-2,
+                 kind: str = "prefix", memory: str = "cluster", *, length: int = 8, prefix_init: str = "tokens",
+                 lr: float = 3e-2,
                  objective: str = "sft", temperature: float = 1.0, top_p: float = 1.0, sample_top_k: int = 0,
                  min_p: float = 0.0, stop: Sequence[str] | None = None, max_new_tokens: int = 96,
                  prompt: PromptFormat | None = None,
@@ -126,6 +124,9 @@ class OnlineLearner:
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        if prefix_init not in MemoryBank.KINDS["prefix"].INITS:
+            raise ValueError(f"prefix_init must be one of {', '.join(MemoryBank.KINDS['prefix'].INITS)}; "
+                             f"got {prefix_init!r}")
         if memory not in GRANULARITIES:
             raise ValueError(f"memory must be one of {', '.join(GRANULARITIES)}; got {memory!r}")
         if not 0 <= control < n:
@@ -147,6 +148,9 @@ class OnlineLearner:
         self.tokenizer, self.store = tokenizer, store
         self.n, self.steps, self.top_k, self.kind, self.memory = n, steps, top_k, kind, memory
         self.length, self.lr, self.objective = length, lr, objective
+        # a fresh prefix: "tokens", the keys and values of random tokens (PEFT's N(0, 1) start, "normal",
+        # wrecks a real model's predictions before any training; MemoryBank.prefixes)
+        self.memory_options = {"init": prefix_init} if kind == "prefix" else {}
         self.temperature, self.max_new_tokens, self.control = temperature, max_new_tokens, control
         self.top_p, self.sample_top_k, self.min_p, self.stop = top_p, sample_top_k, min_p, stop
         self.prompt = prompt if prompt is not None else PromptFormat()
@@ -270,7 +274,8 @@ class OnlineLearner:
         # a fresh memory: drawn from its problem's own stream (the replayed slots are overwritten below)
         generators = [torch.Generator().manual_seed(stream_seed(self.seed, first + i, FRESH_MEMORY)) for i in mine]
         bank = KINDS[self.kind](self.model, slots=len(mine) + len(own_replayed), length=self.length,
-                                generator=generators + [torch.Generator() for _ in own_replayed])
+                                generator=generators + [torch.Generator() for _ in own_replayed],
+                                **self.memory_options)
         for slot, i in enumerate(mine):
             if plans[i].start is not None:
                 _write_vector(bank, slot, plans[i].start)

@@ -6,7 +6,8 @@ accuracies are pooled over the seeds and reported with 95% normal-approximation 
     python scripts/evaluate_learner.py --seeds 0 1 2 --configs "--kind soft_prompt" "--kind prefix"
 
 ``--json PATH`` also writes the pooled per-problem values (config -> row -> list), and ``--tables``
-prints one table from several such files (configurations measured in separate processes).
+prints one table from several such files (configurations or seeds measured in separate processes; the
+values of a configuration found in several files are pooled).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ def main() -> None:
         pooled, speed = {}, {}
         for path in options.tables:
             saved = json.loads(open(path).read())
-            for name, by_config in saved["pooled"].items():
-                pooled.setdefault(name, {}).update(by_config)
-            speed.update(saved["speed"])
+            for name, by_config in saved["pooled"].items():   # a configuration in several files: seeds pooled
+                for config, values in by_config.items():
+                    pooled.setdefault(name, {}).setdefault(config, []).extend(values)
+            for config, rates in saved["speed"].items():
+                speed.setdefault(config, []).extend(rates)
         print_table(pooled, speed, list(speed), "as saved", options.by_config)
         return
     run_parser = argparse.ArgumentParser()

@@ -113,6 +113,24 @@ def test_run_reports_transfer_against_icl_and_distillation(model_dir):
     assert len(summary[DISTILLED]) == 4
 
 
+@pytest.mark.parametrize("init", ["tokens", "normal"])
+def test_fresh_prefixes_start_as_asked(model_dir, monkeypatch, init):
+    from fastmem import learner
+    from fastmem.memory import MemoryBank
+
+    asked = []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("init"))
+        return MemoryBank.prefixes(*args, **kwargs)
+
+    monkeypatch.setitem(learner.KINDS, "prefix", recording)
+    main(["run", "--model", str(model_dir), "--limit", "2", "--prefix-init", init, *SMALL_RUN])
+    assert asked and set(asked) == {init}
+    with pytest.raises(ValueError, match="prefix_init must be one of normal, tokens"):
+        OnlineLearner(None, None, MemoryStore(), prefix_init="zeros")
+
+
 def test_no_label_reaches_training(model_dir, tmp_path, monkeypatch):
     """Two runs whose data differ only in the answers train on identical inputs."""
     calls: list[list] = []
