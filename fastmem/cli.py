@@ -25,6 +25,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     learner = _learner_defaults()
     from fastmem.data.files import BUILTIN
     from fastmem.distributed import DEFAULT_TIMEOUT_S
+    from fastmem.memory import PrefixBank
     from fastmem.models import DTYPES
     from fastmem.prompting import CHAT_PROMPT, CHAT_TEMPLATE_CHOICES
 
@@ -79,7 +80,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     learning.add_argument("--lr", type=_positive(float), default=learner["lr"], help="Adam learning rate")
     learning.add_argument("--length", type=_positive(int), default=learner["length"],
                           help="memory positions per slot")
-    learning.add_argument("--prefix-init", choices=("tokens", "normal"), default=learner["prefix_init"],
+    learning.add_argument("--prefix-init", choices=PrefixBank.INITS, default=learner["prefix_init"],
                           help="a fresh prefix: the keys and values of random tokens, or N(0, 1) as PEFT")
     learning.add_argument("--gate", action=argparse.BooleanOptionalAction, default=learner["gate"],
                           help="use a retrieved memory only while its samples agree with the vote at least as "

@@ -13,7 +13,8 @@ same code runs, the exchanges handing back this process's own values):
    problem's position in the stream (`fastmem.sampling.stream_seed`), never by the rank, and a slot's
    training (loss, gradient, Adam state) involves no other slot: what a problem gets does not depend on
    which problems share its forward, or on N (up to the rounding of batched kernels, whose bits can
-   depend on a batch's shape, e.g. its widest prompt: the stored memories agree to about 1e-5).
+   depend on a batch's shape, e.g. its widest prompt: the stored keys agree to about 1e-5, the
+   memories to about 1e-4, Adam's normalized steps carrying the difference).
 4. Exchange 2: per question its trained memory (fp32: ``2 * layers * P * kv_heads * head_dim`` values for
    a prefix, ``P * hidden`` for a soft prompt), its samples (text and token ids), answers and vote; per
    replayed problem its trained memory. Every rank then applies the same store updates in stream order

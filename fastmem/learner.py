@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastmem.memory import MemoryBank
+from fastmem.memory import MemoryBank, PrefixBank
 from fastmem.prompting import PromptFormat
 from fastmem.distributed import all_gather, share
 from fastmem.sampling import check_sampling_options, sample, stream_seed
@@ -109,8 +109,7 @@ class OnlineLearner:
 
     def __init__(self, model, tokenizer, store: MemoryStore, n: int = 8, steps: int = 4, top_k: int = 2,
                  kind: str = "prefix", memory: str = "cluster", *, length: int = 8, prefix_init: str = "tokens",
-                 lr: float = 3e-2,
-                 objective: str = "sft", temperature: float = 1.0, top_p: float = 1.0, sample_top_k: int = 0,
+                 lr: float = 3e-2, objective: str = "sft", temperature: float = 1.0, top_p: float = 1.0, sample_top_k: int = 0,
                  min_p: float = 0.0, stop: Sequence[str] | None = None, max_new_tokens: int = 96,
                  prompt: PromptFormat | None = None,
                  gate: bool = False, control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
@@ -124,9 +123,8 @@ class OnlineLearner:
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-        if prefix_init not in MemoryBank.KINDS["prefix"].INITS:
-            raise ValueError(f"prefix_init must be one of {', '.join(MemoryBank.KINDS['prefix'].INITS)}; "
-                             f"got {prefix_init!r}")
+        if prefix_init not in PrefixBank.INITS:
+            raise ValueError(f"prefix_init must be one of {', '.join(PrefixBank.INITS)}; got {prefix_init!r}")
         if memory not in GRANULARITIES:
             raise ValueError(f"memory must be one of {', '.join(GRANULARITIES)}; got {memory!r}")
         if not 0 <= control < n:
@@ -232,9 +230,8 @@ class OnlineLearner:
         parts = self._exchange(self._work(prompts, plans, replayed, owners, mine, first),
                                "trained memories and samples")
 
-        rows = [(rank, row) for rank in range(self.world)
-                for row in range(len(share(len(questions), rank, self.world)))]
         taken = [len(share(len(questions), rank, self.world)) for rank in range(self.world)]
+        rows = [(rank, row) for rank in range(self.world) for row in range(taken[rank])]
         for owner in owners:                    # replayed problems after the questions, in `replayed` order
             rows.append((owner, taken[owner]))
             taken[owner] += 1

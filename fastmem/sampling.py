@@ -151,29 +151,31 @@ def _next_tokens(logits: Tensor, temperature: float, top_p: float, uniform: Tens
     A draw is one pass of inverse-CDF sampling: the row's unnormalized weights (``exp((logits - max) /
     temperature)``, or `filtered_probs` when a filter is on), their running sum, and the first token whose
     running sum exceeds ``u * total`` for the row's uniform ``u`` (``uniform [R]`` fp32 in [0, 1), unused
-    when greedy). At temperature 1 without filters the same exponentials give the log-probability's normalizer, so a step costs one
-    exponential, one running sum and one search over the vocabulary (``torch.multinomial`` of a softmax
-    plus a log-softmax cost three normalizations: 6x slower at 128 rows x 49,152 tokens on one CPU core).
-    The running sum is stored in fp32 (CPU torch accumulates it in fp64), so each token's probability
-    is exact to within one fp32 rounding of the cumulative mass before it; a token of zero weight is
-    never drawn.
+    when greedy). At temperature 1 without filters the running sum's total is also the log-probability's
+    normalizer, so a step costs one exponential, one running sum and one search over the vocabulary
+    (``torch.multinomial`` of a softmax plus a log-softmax cost three normalizations: 6x slower at 128 rows
+    x 49,152 tokens on one CPU core). The running sum is stored in fp32 (CPU torch accumulates it in fp64),
+    so each token's probability is exact to within one fp32 rounding of the cumulative mass before it; a
+    token of zero weight is never drawn.
     """
     logits = logits.float()
     shifted = logits - logits.amax(dim=-1, keepdim=True)
     exponentials = shifted.exp()
-    log_normalizer = exponentials.sum(dim=-1, keepdim=True).log()
+    filtered = bool(top_k or top_p < 1 or min_p > 0)
+    plain = temperature == 1 and not filtered
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        if top_k or top_p < 1 or min_p > 0:
+        if filtered:
             weights = filtered_probs(logits, temperature, top_p, top_k, min_p)
         else:
-            weights = exponentials if temperature == 1 else (shifted / temperature).exp()
+            weights = exponentials if plain else (shifted / temperature).exp()
         cumulative = weights.cumsum(dim=-1)
         total = cumulative[:, -1:]
         # u * total < total also after rounding, so the search never runs past the last token of nonzero weight
         threshold = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens = torch.searchsorted(cumulative, threshold, right=True).squeeze(1)
+    log_normalizer = (total if plain else exponentials.sum(dim=-1, keepdim=True)).log()
     return tokens, (shifted.gather(1, tokens[:, None]) - log_normalizer).squeeze(1)
 
 
