@@ -100,7 +100,7 @@ def test_a_killed_rank_stops_the_other_and_resume_continues(one_process, tmp_pat
         for process in ranks:
             process.kill()
             process.wait()
-    assert ranks[0].returncode == 1
+    assert ranks[0].returncode == 1, stderr[-3000:]     # not SIGABRT from gloo's threads at exit
     assert "fastmem run: error: rank 0 of 2: exchanging" in stderr and "another rank died" in stderr
     assert "continue with --resume" in stderr
     committed = out.read_text().splitlines()
