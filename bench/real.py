@@ -244,7 +244,7 @@ def decode_workload(settings: "Settings", shape: RealShape, spec: RealModel, row
 
     def make_inputs():
         import fastmem
-        from fastmem.hf.inject import output_logits, shared_prefix
+        from fastmem.hf.shared_prefix import output_logits, shared_prefix
         from fastmem.sampling import _LockstepDecoder
 
         model, tokenizer = spec.build(settings)

@@ -1,7 +1,8 @@
 """fastmem: fast test-time learning with latent memories (soft prompts and prefixes) for LMs.
 
-`prefix_attention` imports only torch. The Hugging Face layer (`patch`, `unpatch`, `inject`,
-`MemoryBank`) is imported on first use, since importing transformers takes seconds.
+`prefix_attention` and `plan_prefix_attention` (its once-per-forward plan) import only torch. The Hugging
+Face layer (`patch`, `unpatch`, `inject`, `MemoryBank`) is imported on first use, since importing
+transformers takes seconds.
 """
 import importlib
 import importlib.abc
@@ -81,7 +82,7 @@ def _install_checkout_finder() -> None:
 
 _install_checkout_finder()
 
-from fastmem.ops import prefix_attention  # noqa: E402
+from fastmem.ops import AttentionPlan, plan_prefix_attention, prefix_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -99,7 +100,7 @@ _LAZY_EXPORTS = {
     "PromptFormat": "fastmem.prompting",
 }
 
-__all__ = ["prefix_attention", "__version__", *_LAZY_EXPORTS]
+__all__ = ["AttentionPlan", "plan_prefix_attention", "prefix_attention", "__version__", *_LAZY_EXPORTS]
 
 
 def __getattr__(name: str):

@@ -26,7 +26,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fastmem.hf.architectures import ModelShape, model_shape
-from fastmem.hf.inject import KVPool, Memory, check_patched, shared_prefix, soft_prompt_memory
+from fastmem.hf.attention import check_patched
+from fastmem.hf.pools import KVPool, Memory
+from fastmem.hf.shared_prefix import shared_prefix
+from fastmem.hf.soft_prompts import soft_prompt_memory
 from fastmem.hf.peft_adapters import PromptAdapter, read_prompt_adapter
 
 FORMAT = "fastmem.MemoryBank"

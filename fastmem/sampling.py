@@ -2,7 +2,7 @@
 
 1. Prefill: the B prompts run in one right-padded forward, row b after its memory (``index[b]``), and
    their keys and values become a pool with one slot per prompt: the row's memory positions, then its
-   prompt's (`fastmem.hf.inject.shared_prefix`). Every sample's first token comes from the logits at
+   prompt's (`fastmem.hf.shared_prefix`). Every sample's first token comes from the logits at
    its prompt's last token.
 2. Decode: the B * n sample rows step in lockstep (`_LockstepDecoder`). Row r attends to pool slot
    r // n through `prefix_attention`, then to its own keys, kept in preallocated buffers
@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 
 from fastmem.hf.architectures import model_shape
-from fastmem.hf.inject import (InjectionContext, KVPool, Memory, check_patched, checked_index, memory_lengths,
-                               output_logits, run_after_memory, shared_prefix)
+from fastmem.hf.attention import check_patched
+from fastmem.hf.context import InjectionContext
+from fastmem.hf.pools import KVPool, Memory, checked_index, memory_lengths
+from fastmem.hf.shared_prefix import output_logits, run_after_memory, shared_prefix
 
 
 @dataclass(frozen=True)

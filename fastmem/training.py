@@ -4,7 +4,7 @@ A step over B problems (problem i: a prompt, traces with rewards, and the bank s
 
 1. The B slots are copied out of the bank as leaf tensors (`MemoryBank.slot_rows`): autograd reaches
    those B slots only, never the whole bank, and never the model's weights (frozen).
-2. The B prompts run once, each after its memory (`fastmem.hf.inject.shared_prefix`): a pool with one
+2. The B prompts run once, each after its memory (`fastmem.hf.shared_prefix`): a pool with one
    slot per problem holding its memory and prompt keys/values, with the autograd graph back to the memory.
 3. All traces run in one right-padded forward; trace j of problem i attends to pool slot i through
    `prefix_attention`, then to its own tokens. The op's backward sums the traces' gradients into the
@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastmem.hf.inject import (Memory, check_patched, right_pad, run_after_memory, shared_prefix,
-                               token_logprobs)
+from fastmem.hf.attention import check_patched
+from fastmem.hf.pools import Memory
+from fastmem.hf.shared_prefix import right_pad, run_after_memory, shared_prefix, token_logprobs
 from fastmem.memory import MemoryBank
 from fastmem.sampling import check_fits, token_row
 

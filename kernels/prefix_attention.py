@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefix_attention_ref import slot_use_lists
-
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -567,8 +565,9 @@ def forward(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal: bool, s
 
 
 def backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse, causal: bool,
-             softmax_scale: float):
-    """Prefix attention backward (inputs as in `forward`; out, lse from it; grad_out like out).
+             softmax_scale: float, slot_offsets, slot_uses):
+    """Prefix attention backward (inputs as in `forward`; out, lse from it; grad_out like out; slot_offsets,
+    slot_uses: `slot_use_lists` of index).
 
     Returns dq ``[B, Tq, Hq, D]``, dk, dv ``[B, Tk, Hkv, D]`` and dprefix_k, dprefix_v ``[S, P, Hkv, D]``, all in
     the input dtype. The pool gradients sum per-use fp32 partials ``[B, M, P, Hkv, D]`` per slot in a fixed
@@ -610,7 +609,6 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out,
                 *_strides(q), *_strides(grad_out), *_strides(prefix_k), *_strides(prefix_v),
                 *_strides(dpk_use), *_strides(dpv_use),
                 softmax_scale, q_len, k_len, prefix_len, uses, kv_heads, group, PREFIX=True, CAUSAL=False, **cfg)
-    offsets, slot_uses = slot_use_lists(index, num_slots)
-    dprefix_k = _sum_into_slots(dpk_use, offsets, slot_uses, num_slots, prefix_k.dtype)
-    dprefix_v = _sum_into_slots(dpv_use, offsets, slot_uses, num_slots, prefix_v.dtype)
+    dprefix_k = _sum_into_slots(dpk_use, slot_offsets, slot_uses, num_slots, prefix_k.dtype)
+    dprefix_v = _sum_into_slots(dpv_use, slot_offsets, slot_uses, num_slots, prefix_v.dtype)
     return dq, dk, dv, dprefix_k, dprefix_v

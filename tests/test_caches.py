@@ -14,7 +14,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from fastmem import MemoryBank, inject, patch
-from fastmem.hf.inject import key_layout
+from fastmem.hf.context import key_layout
 from fastmem.hf.support import HANDLED_CACHE_LAYERS, REFUSED_CACHE_LAYERS
 from test_patch import ATOL, KINDS, TINY, greedy_uncached, make_batch, make_model, max_diff
 

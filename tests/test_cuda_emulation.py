@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import fastmem
-from fastmem.kernels.prefix_attention_ref import sum_into_slots
+from fastmem.kernels.slots import slot_use_lists, sum_into_slots
 from fastmem.ops import native
 try:
     from test_prefix_attention import CASES, Case, assert_within_rule, make_inputs, run
@@ -195,7 +195,8 @@ def test_pool_gradient_is_fixed_order_sum_of_partials(case, dtype, emulated):
     args = (tensors["q"], tensors["k"], tensors["v"], tensors["prefix_k"], tensors["prefix_v"], index, lens,
             key_start)
     out, lse = native.forward(*args, case.causal, scale)
-    grads, partial_k, partial_v = native._backward(_grad_out(case, dtype), *args, out, lse, case.causal, scale)
+    grads, partial_k, partial_v = native._backward(_grad_out(case, dtype), *args, out, lse, case.causal, scale,
+                                                   *slot_use_lists(index, case.slots))
     assert emulated.counts() == (1, 1)
 
     for name, grad, partial in (("dprefix_k", grads[3], partial_k), ("dprefix_v", grads[4], partial_v)):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastmem
-from fastmem.kernels.prefix_attention_ref import prefix_attention_ref, sum_into_slots
+from fastmem.kernels.prefix_attention_ref import prefix_attention_ref
+from fastmem.kernels.slots import slot_use_lists, sum_into_slots
 from fastmem.ops import backends
 
 BACKENDS = [
@@ -269,7 +270,6 @@ def test_triton_slot_reduction_has_the_bits_of_sum_into_slots(dtype):
     """The kernel summing per-use partials per slot (CSR of uses, no host sync) = `sum_into_slots`, bit
     for bit; slots without a use get zeros, and a slot used by every row sums them all in (b, m) order."""
     from fastmem.kernels.prefix_attention import _sum_into_slots
-    from fastmem.kernels.prefix_attention_ref import slot_use_lists
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"  # compiled Triton needs a GPU
     index = torch.tensor([[3, -1, 0], [3, 3, -1], [0, 2, 3], [-1, -1, -1], [3, 0, 2]], dtype=torch.int32)
     partial = torch.randn(5, 3, 7, 2, 24) * 1e3  # large values: a different order changes the low bits

@@ -76,3 +76,9 @@ def unpatch(model):
     if original is not None:
         model.set_attn_implementation(original)
     return model
+
+
+def check_patched(model) -> None:
+    """ValueError unless ``model`` went through `fastmem.patch`."""
+    if original_implementation(model) is None:
+        raise ValueError(f"{type(model).__name__} is not patched; call fastmem.patch(model) first")

@@ -1,4 +1,4 @@
 """Ops: public functions that validate their inputs and dispatch to a backend."""
-from fastmem.ops.prefix_attention import prefix_attention
+from fastmem.ops.prefix_attention import AttentionPlan, plan_prefix_attention, prefix_attention
 
-__all__ = ["prefix_attention"]
+__all__ = ["AttentionPlan", "plan_prefix_attention", "prefix_attention"]

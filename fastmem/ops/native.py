@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmem.kernels.prefix_attention_ref import slot_use_lists
-
 try:
     from fastmem import _native
 except Exception as _error:  # ImportError (not built), or a broken build
@@ -118,7 +116,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
               index: Tensor, lens: Tensor, key_start: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              softmax_scale: float) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+              softmax_scale: float, slot_offsets: Tensor,
+              slot_uses: Tensor) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
     """`backward` plus the fp32 per-use partials ``[B, M, P, Hkv, D]`` of dprefix_k and dprefix_v."""
     _lib()
     grad_out, q, k, v, prefix_k, prefix_v, out = map(_rows, (grad_out, q, k, v, prefix_k, prefix_v, out))
@@ -136,7 +135,6 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tenso
     partial_k = torch.empty((batch, uses, prefix_len, kv_heads, head_dim), dtype=torch.float32, device=device)
     partial_v = torch.empty_like(partial_k)
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=device)
-    offsets, slot_uses = slot_use_lists(index, num_slots)
 
     p = _params(q, k, v, prefix_k, prefix_v, index, lens, key_start, causal, softmax_scale)
     p.out, p.grad_out = _arg(out), _arg(grad_out)
@@ -144,15 +142,17 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tenso
     p.lse, p.delta = lse.data_ptr(), delta.data_ptr()
     p.dprefix_k_partial, p.dprefix_v_partial = partial_k.data_ptr(), partial_v.data_ptr()
     p.dprefix_k, p.dprefix_v = dprefix_k.data_ptr(), dprefix_v.data_ptr()
-    p.slot_offsets, p.slot_uses = offsets.data_ptr(), slot_uses.data_ptr()
+    p.slot_offsets, p.slot_uses = slot_offsets.data_ptr(), slot_uses.data_ptr()
     _launch("backward", p, device)
     return (dq, dk, dv, dprefix_k, dprefix_v), partial_k, partial_v
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
              index: Tensor, lens: Tensor, key_start: Tensor, out: Tensor, lse: Tensor, causal: bool,
-             softmax_scale: float) -> tuple[Tensor, ...]:
-    """Returns dq, dk, dv, dprefix_k, dprefix_v, shaped like their inputs, in the input dtype."""
+             softmax_scale: float, slot_offsets: Tensor, slot_uses: Tensor) -> tuple[Tensor, ...]:
+    """Returns dq, dk, dv, dprefix_k, dprefix_v, shaped like their inputs, in the input dtype.
+
+    slot_offsets int32 ``[S + 1]``, slot_uses int32 ``[B * M]``: `slot_use_lists` of index."""
     grads, _, _ = _backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens, key_start, out, lse,
-                            causal, softmax_scale)
+                            causal, softmax_scale, slot_offsets, slot_uses)
     return grads

@@ -23,7 +23,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
              index: Tensor, lens: Tensor, key_start: Tensor, out: Tensor, lse: Tensor, causal: bool,
-             softmax_scale: float) -> tuple[Tensor, ...]:
-    """Returns dq, dk, dv, dprefix_k, dprefix_v, each shaped and typed like its input."""
+             softmax_scale: float, slot_offsets: Tensor, slot_uses: Tensor) -> tuple[Tensor, ...]:
+    """Returns dq, dk, dv, dprefix_k, dprefix_v, each shaped and typed like its input (the slot-use lists
+    are unused: `sum_into_slots` sums in their order)."""
     return prefix_attention_ref_backward(grad_out, q, k, v, prefix_k, prefix_v, index, lens,
                                          causal=causal, softmax_scale=softmax_scale, key_start=key_start)
