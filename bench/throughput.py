@@ -200,7 +200,57 @@ def attention_cases(settings: Settings) -> list[Case]:
                                   targets=(Target("speedup", speedup), Target("ceiling", 0.5)))
     if settings.device.type == "cuda" and not settings.smoke:
         cases += flash_comparison_cases(settings)
-    return cases
+    return cases + layer_call_cases(settings)
+
+
+# One layer's call in a decode step of `fastmem.sample` on SmolLM2-135M (9 query / 3 KV heads, D = 64): 16 sample
+# rows, each continuing its prompt's slot of a 16-slot pool (memory + prompt, up to 64 positions), 32 own keys.
+LAYER_CALL_SHAPE = AttentionShape(batch=16, seq_len=1, prefix_len=64, slots=16, q_heads=9, kv_heads=3, head_dim=64)
+LAYER_CALL_OWN_KEYS = 32
+LAYER_CALL_CASE = "layer call at decode size"
+ONE_OFF, PLANNED = "one-off call (checks)", "plan reused"
+
+
+def layer_call_cases(settings: Settings) -> list[Case]:
+    """Host time of one layer's `prefix_attention` call at decode size (auto backend, forward): a one-off call,
+    which checks and converts the index every call (one host sync), against a call handed the forward's
+    `AttentionPlan`, built once outside the timed calls."""
+    shape = LAYER_CALL_SHAPE
+
+    def make_inputs():
+        randn = seeded_randn(settings)
+        own = (shape.batch, LAYER_CALL_OWN_KEYS, shape.kv_heads, shape.head_dim)
+        pool = (shape.slots, shape.prefix_len, shape.kv_heads, shape.head_dim)
+        index = torch.arange(shape.batch, device=settings.device) % shape.slots
+        lens = torch.randint(1, shape.prefix_len + 1, (shape.slots,), generator=torch.Generator().manual_seed(2))
+        lens = lens.to(settings.device)
+        return dict(q=randn(shape.batch, 1, shape.q_heads, shape.head_dim), k=randn(*own), v=randn(*own),
+                    prefix_k=randn(*pool), prefix_v=randn(*pool), prefix_index=index, prefix_lens=lens,
+                    plan=fastmem.plan_prefix_attention(index, lens, num_slots=shape.slots,
+                                                       prefix_len=shape.prefix_len, dtype=settings.dtype,
+                                                       head_dim=shape.head_dim, backward=False))
+
+    flops = 4.0 * shape.batch * shape.q_heads * shape.head_dim * (shape.prefix_len + LAYER_CALL_OWN_KEYS)
+    workload = Workload("attention", LAYER_CALL_CASE, dict(asdict(shape), own_keys=LAYER_CALL_OWN_KEYS), make_inputs,
+                        flops)
+    tensors = ("q", "k", "v", "prefix_k", "prefix_v")
+    return comparison_cases(workload, (FWD,), (ONE_OFF, call_with(fastmem.prefix_attention, (*tensors, "prefix_index",
+                                                                                              "prefix_lens"))),
+                            {PLANNED: lambda inputs: fastmem.prefix_attention(*(inputs[n] for n in tensors),
+                                                                              plan=inputs["plan"])})
+
+
+def layer_call_line(report: dict) -> str | None:
+    """The note giving host µs per layer call, one-off and planned, on the device run (and why not the other)."""
+    medians = {row["provider"]: row["median_ms"] * 1e3 for row in report["rows"] if row["case"] == LAYER_CALL_CASE}
+    if not medians:
+        return None
+    device = report["environment"]["device"]
+    other = ("CPU: run with --device cpu" if device == "cuda" else
+             "CUDA: run with --device cuda" if torch.cuda.is_available() else "CUDA: not timed: no GPU")
+    return (f"attention: host time per prefix_attention layer call at decode size ({device}, auto backend): "
+            f"{medians[ONE_OFF]:.1f} µs one-off (checks the index every call), {medians[PLANNED]:.1f} µs with the "
+            f"forward's plan reused ({medians[ONE_OFF] / medians[PLANNED]:.2f}x); {other}")
 
 
 def flash_comparison_cases(settings: Settings) -> list[Case]:
@@ -318,7 +368,8 @@ SECTIONS = {
 DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("real", "store")]
 FLOP_CONVENTION = ("GFLOP/s counts useful work only, the same for every provider: attention fwd = "
                    "4·B·Hq·D·(T·P + T(T+1)/2) (causal halving counted: each query's visible keys), decode step "
-                   "fwd = 4·B·Hq·D·(memory + prompt + cache), fwd+bwd = 3.5 × fwd; ceiling = 2n³ per matmul; "
+                   "fwd = 4·B·Hq·D·(memory + prompt + cache) (the attention section's layer call likewise: slot + own "
+                   "keys), fwd+bwd = 3.5 × fwd; ceiling = 2n³ per matmul; "
                    "real: 2 FLOPs per weight per token (decoder matmuls, and the head where a token predicts) + "
                    "4·Hq·D per visible key per layer")
 
@@ -500,6 +551,8 @@ def render(report: dict) -> str:
              f"- ratio vs baseline = baseline median / this median (> 1: faster than the baseline). "
              f"{report['conventions']['flops']}.",
              f"- {report['conventions']['peak_memory'] or 'peak memory: not measured in --smoke runs'}."]
+    if layer_call_line(report):
+        lines.append(f"- {layer_call_line(report)}.")
     for name in report["sections"]:
         diffs = [row["max_abs_diff_vs_baseline"] for row in rows
                  if row["section"] == name and row["max_abs_diff_vs_baseline"] is not None]

@@ -50,6 +50,7 @@ def test_smoke_run_reports_every_row(tmp_path):
     expected = {("ceiling", "torch", "fwd")}
     expected |= {("attention", provider, mode) for provider in {"PEFT way"} | fastmem_rows
                  for mode in ("fwd", "fwd+bwd")}
+    expected |= {("attention", provider, "fwd") for provider in (throughput.ONE_OFF, throughput.PLANNED)}
     expected |= {("decode", provider, "fwd") for provider in {"concat cache"} | fastmem_rows}
     end_to_end = {("train", "PEFT prompt tuning (one problem at a time)"),
                   ("train", "PEFT prefix tuning (one problem at a time)"), ("train", "fastmem MemoryTrainer"),
@@ -58,8 +59,12 @@ def test_smoke_run_reports_every_row(tmp_path):
                   ("loop", ranks.ONE_PROCESS), ("loop", ranks.TWO_PROCESSES)}
     expected |= {(section, provider, "end-to-end") for section, provider in end_to_end}
     assert {(row["section"], row["provider"], row["mode"]) for row in rows} == expected
-    assert {row["case"] for row in rows if row["section"] == "attention"} == {"distinct slots", "2 rows/slot"}
-    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + (1 + len(fastmem_rows)) + 2 * 2 + 2 + 2 + 2
+    assert {row["case"] for row in rows if row["section"] == "attention"} == {
+        "distinct slots", "2 rows/slot", throughput.LAYER_CALL_CASE}
+    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + 2 + (1 + len(fastmem_rows)) + 2 * 2 + 2 + 2 + 2
+    host_line = [line for line in table.splitlines() if "host time per prefix_attention layer call" in line]
+    assert len(host_line) == 1 and " µs one-off " in host_line[0] and " µs with the forward's plan reused " in host_line[0]
+    assert ("CUDA: run with --device cuda" if torch.cuda.is_available() else "CUDA: not timed: no GPU") in host_line[0]
     for row in rows:
         assert f"| {row['section']} | {row['case']} | {row['provider']} | {row['mode']} |" in table
         assert row["median_ms"] > 0

@@ -183,6 +183,47 @@ def test_memory_equals_peft(arch, kind):
             assert torch.equal(greedy_uncached(model, ids[b]), generated[b:b + 1])
 
 
+class PlanCounter:
+    """Counts the plans `fastmem.hf.context` builds, its `prefix_attention` calls and the decoder forwards;
+    refuses a call without a plan."""
+
+    def __init__(self, monkeypatch, model):
+        from fastmem.hf import context
+        self.plans, self.calls, self.forwards = [], 0, 0
+        build, attend = context.plan_prefix_attention, context.prefix_attention
+
+        def counted_build(*args, **kwargs):
+            self.plans.append(build(*args, **kwargs))
+            return self.plans[-1]
+
+        def checked_attend(*args, plan=None, **kwargs):
+            assert plan is self.plans[-1] and len(args) == 5 and "prefix_index" not in kwargs
+            self.calls += 1
+            return attend(*args, plan=plan, **kwargs)
+
+        monkeypatch.setattr(context, "plan_prefix_attention", counted_build)
+        monkeypatch.setattr(context, "prefix_attention", checked_attend)
+        model.get_decoder().register_forward_pre_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+
+
+def test_one_plan_per_forward_handed_to_every_layer(monkeypatch):
+    """`inject`: each forward (training, and each step of generate) checks and converts the index once, into one
+    plan that both layers' calls get; built for a backward (slot-use lists) only when the memory needs gradients."""
+    model = patch(make_model("llama"))
+    bank = mixed_bank(model, "prefix")
+    ids, mask, labels, _ = make_batch(MIXED_LENGTHS)
+    counter = PlanCounter(monkeypatch, model)
+    with inject(model, bank, MIXED_INDEX):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        assert (len(counter.plans), counter.calls, counter.forwards) == (1, 2, 1)
+        assert counter.plans[0].slot_offsets is not None and counter.plans[0].batch == 3   # rows with memory
+        assert all(p.grad is not None for p in bank.parameters())
+        with torch.no_grad():
+            generate(model, ids, mask)
+    assert counter.forwards == 5 and len(counter.plans) == 5 and counter.calls == 10
+    assert all(plan.slot_offsets is None for plan in counter.plans[1:])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_equals_rows_alone(arch, kind):

@@ -371,6 +371,122 @@ def test_compiles_fullgraph():
         torch.testing.assert_close(got, want)
 
 
+# ---- plans -----------------------------------------------------------------------------------
+
+
+def plan_for(case: Case, extra, dtype=torch.float32, **options):
+    return fastmem.plan_prefix_attention(extra["prefix_index"], extra["prefix_lens"], num_slots=case.slots,
+                                         prefix_len=case.prefix_len, dtype=dtype, head_dim=case.head_dim,
+                                         key_start=extra["key_start"], **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]], ids=lambda c: c.name)
+def test_plan_reused_across_layers_equals_one_off_calls(case, backend):
+    """One plan serving three "layers" (own q, k, v and pool each) gives the bits of three one-off calls,
+    outputs and all five gradients, and the one-off calls match the fp64 reference."""
+    plan = plan_for(case, make_inputs(case, torch.float32)[1], backend=backend)
+    assert plan.backend == backend and plan.slot_offsets is not None
+    for layer in range(3):
+        tensors, extra = make_inputs(case, torch.float32, seed=layer)
+        grad_out = torch.randn(case.batch, case.q_len, case.q_heads, case.head_dim,
+                               generator=torch.Generator().manual_seed(10 + layer))
+        leaves = [t.clone().requires_grad_() for t in tensors.values()]
+        out = fastmem.prefix_attention(*leaves, causal=case.causal, plan=plan)
+        planned = (out, *torch.autograd.grad(out, leaves, grad_out))
+        one_off = run(tensors, extra, case, backend, grad_out)
+        for got, want in zip(planned, (one_off[0], *one_off[1])):
+            assert torch.equal(got, want), f"layer {layer}"
+        ref_out, ref_grads = run({n: t.double() for n, t in tensors.items()}, extra, case, None, grad_out.double())
+        torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+        for got, want in zip(planned[1:], ref_grads):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_without_slot_lists_still_has_the_gradients():
+    """A plan built for inference (no slot-use lists) used under autograd: the backward builds them itself."""
+    case = CASES[2]
+    tensors, extra = make_inputs(case, torch.float32)
+    plan = plan_for(case, extra, backward=False)
+    assert plan.slot_offsets is None and plan.slot_uses is None
+    leaves = [t.clone().requires_grad_() for t in tensors.values()]
+    out = fastmem.prefix_attention(*leaves, plan=plan)
+    grad_out = torch.ones_like(out)
+    _, want = run(tensors, extra, case, "auto", grad_out)
+    for got, expected in zip(torch.autograd.grad(out, leaves, grad_out), want):
+        assert torch.equal(got, expected)
+
+
+def test_plan_compiles_fullgraph():
+    case = CASES[1]
+    tensors, extra = make_inputs(case, torch.float32)
+    plan = plan_for(case, extra)
+
+    def loss(q, k, v, prefix_k, prefix_v):
+        return fastmem.prefix_attention(q, k, v, prefix_k, prefix_v, plan=plan).square().mean()
+
+    leaves = [t.clone().requires_grad_() for t in tensors.values()]
+    eager = [t.clone().requires_grad_() for t in tensors.values()]
+    value, expected = torch.compile(loss, fullgraph=True)(*leaves), loss(*eager)
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(torch.autograd.grad(value, leaves), torch.autograd.grad(expected, eager)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("override, words", [
+    (dict(q=torch.zeros(2, 5, 4, 64), k=torch.zeros(2, 9, 1, 64), v=torch.zeros(2, 9, 1, 64)), "B=2"),
+    (dict(prefix_k=torch.zeros(5, 6, 1, 64), prefix_v=torch.zeros(5, 6, 1, 64)), "S=5"),
+    (dict(prefix_k=torch.zeros(4, 7, 1, 64), prefix_v=torch.zeros(4, 7, 1, 64)), "P=7"),
+    (dict(q=torch.zeros(3, 5, 4, 64, dtype=torch.float64), k=torch.zeros(3, 9, 1, 64, dtype=torch.float64),
+          v=torch.zeros(3, 9, 1, 64, dtype=torch.float64), prefix_k=torch.zeros(4, 6, 1, 64, dtype=torch.float64),
+          prefix_v=torch.zeros(4, 6, 1, 64, dtype=torch.float64)), "torch.float64"),
+    (dict(q=torch.zeros(3, 5, 4, 32), k=torch.zeros(3, 9, 1, 32), v=torch.zeros(3, 9, 1, 32),
+          prefix_k=torch.zeros(4, 6, 1, 32), prefix_v=torch.zeros(4, 6, 1, 32)), "head dim 32"),
+    (dict(q=torch.zeros(3, 2, 4, 64), k=torch.zeros(3, 2, 1, 64), v=torch.zeros(3, 2, 1, 64)), "and 2 own keys"),
+    (dict(prefix_index=torch.tensor([0, 1, 2])), "not both"),
+])
+def test_plan_refuses_tensors_it_was_not_built_for(override, words):
+    case = CASES[1]
+    tensors, extra = make_inputs(case, torch.float32)
+    plan = plan_for(case, dict(extra, key_start=torch.tensor([0, 3, 1])))
+    args = {**tensors, "prefix_index": None, **override}
+    with pytest.raises(ValueError) as caught:
+        fastmem.prefix_attention(args["q"], args["k"], args["v"], args["prefix_k"], args["prefix_v"],
+                                 args["prefix_index"], plan=plan)
+    assert words in str(caught.value)
+
+
+def test_plan_refuses_another_device():
+    case = CASES[1]
+    tensors, extra = make_inputs(case, torch.float32)
+    plan = plan_for(case, extra)
+    on_meta = [t.to("meta") for t in tensors.values()]
+    with pytest.raises(ValueError, match="meta"):
+        fastmem.prefix_attention(*on_meta, plan=plan)
+
+
+@pytest.mark.parametrize("override, error, words", [
+    (dict(prefix_index=torch.tensor([[0, 4, -1], [0, 0, 0], [1, 1, 1]])), IndexError, "slot 4"),
+    (dict(prefix_index=torch.tensor([0, -2, 1])), IndexError, "slot -2"),
+    (dict(prefix_index=torch.tensor([0.0, 1.0, 1.0])), ValueError, "integer"),
+    (dict(prefix_index=torch.zeros(0, dtype=torch.long)), ValueError, "at least one row"),
+    (dict(prefix_lens=torch.tensor([6, 7, 0, 1])), ValueError, "prefix_lens must lie in [0, P=6]"),
+    (dict(prefix_lens=torch.tensor([6, 1, 0])), ValueError, "prefix_lens must have shape [4]"),
+    (dict(key_start=torch.tensor([0, -1, 0])), ValueError, "key_start must lie"),
+    (dict(key_start=torch.tensor([0, 1])), ValueError, "key_start must have shape [3]"),
+    (dict(backend="cudnn"), ValueError, "unknown backend 'cudnn'"),
+])
+def test_plan_build_refuses_bad_index_values(override, error, words):
+    case = CASES[1]
+    _, extra = make_inputs(case, torch.float32)
+    options = {**extra, **override}
+    with pytest.raises(error) as caught:
+        fastmem.plan_prefix_attention(options["prefix_index"], options["prefix_lens"], num_slots=case.slots,
+                                      prefix_len=case.prefix_len, dtype=torch.float32, head_dim=case.head_dim,
+                                      key_start=options["key_start"], backend=options.get("backend", "auto"))
+    assert words in str(caught.value)
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

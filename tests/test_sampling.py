@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from test_patch import ARCHS, KINDS, MIXED_INDEX, make_model, mixed_bank
+from test_patch import ARCHS, KINDS, MIXED_INDEX, PlanCounter, make_model, mixed_bank
 
 from fastmem import inject, patch
 from fastmem.sampling import _LockstepDecoder, _next_tokens, filtered_probs, sample, stream_seed
@@ -122,6 +122,17 @@ def test_sampled_logprobs_equal_teacher_forcing(kind):
             with torch.no_grad():
                 expected = continuation_logprob(model, prompt, drawn.token_ids, memory, row).item()
             assert abs(drawn.logprob - expected) < 1e-4
+
+
+def test_prefill_and_decode_steps_each_plan_at_most_once(monkeypatch):
+    """`sample`: the prefill and every decode step hand both layers one plan; decode steps share theirs until
+    the rows are compacted (no more plans than forwards, none built for a backward)."""
+    model = patch(make_model("llama"))
+    counter = PlanCounter(monkeypatch, model)
+    sample(model, make_prompts(), n=2, max_new_tokens=6, seed=0, **memory_args(model, "prefix"))
+    assert counter.forwards == 6 and counter.calls == 2 * counter.forwards
+    assert 2 <= len(counter.plans) < counter.forwards
+    assert all(plan.slot_offsets is None for plan in counter.plans)
 
 
 def test_same_seed_same_samples():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_patch import ARCHS, KINDS, make_model
+from test_patch import ARCHS, KINDS, PlanCounter, make_model
 from test_sampling import continuation_logprob
 
 from fastmem import MemoryBank, patch
@@ -104,6 +104,17 @@ def test_batched_gradients_equal_one_problem_at_a_time(kind, objective):
         assert abs(batched.losses[i] - alone.losses[0]) <= RTOL * alone.losses[0].abs().clamp(min=1)
         for name, grad in problem_rows(batched.grads, bank, i).items():
             assert relative_error(grad, alone.grads[name]) < RTOL
+
+
+def test_prompts_and_traces_each_plan_once_for_the_backward(monkeypatch):
+    """`MemoryTrainer`: the prompts' forward and the traces' forward each hand every layer one plan, built with
+    the slot-use lists the pool gradient needs."""
+    model = patch(make_model("qwen3"))
+    trainer = MemoryTrainer(model, make_bank(model, "prefix"), objective="sft")
+    counter = PlanCounter(monkeypatch, model)
+    trainer.gradients(*make_problems(), SLOTS)
+    assert (len(counter.plans), counter.forwards, counter.calls) == (2, 2, 4)
+    assert all(plan.slot_offsets is not None for plan in counter.plans)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -2,8 +2,9 @@
 
 A patched model runs the attention implementation ``fastmem_<original>`` (for example
 ``fastmem_sdpa``): its mask function is the original's, and its attention function calls the
-original unchanged, unless the forward carries a memory handler in the ``fastmem`` keyword (set by
-`fastmem.hf.inject`). transformers passes unknown forward keywords down to the attention function,
+original unchanged, unless the forward carries a memory handler in the ``fastmem`` keyword (an
+`InjectionContext` of `fastmem.hf.context`, or a handler wrapping one, set by `inject`, `sample` and
+`MemoryTrainer`). transformers passes unknown forward keywords down to the attention function,
 so the handler reaches every layer, also under gradient checkpointing and inside ``generate``.
 """
 from __future__ import annotations

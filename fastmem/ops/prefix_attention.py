@@ -2,7 +2,10 @@
 
 Three layers, as in flash-attn's interface: raw ops registered with `torch.library` (with fake
 implementations, so callers compile under `torch.compile(fullgraph=True)`), autograd wiring between
-them, and the public function that validates shapes and documents every tensor.
+them, and the public function that validates shapes and documents every tensor. Planning is split from
+running, as in FlashInfer: `plan_prefix_attention` checks and converts what every layer of a forward
+shares (index, lens, key offsets, the backend, the backward's slot-use lists) once, into an
+`AttentionPlan`; each layer's `prefix_attention(..., plan=plan)` then only checks shapes against it.
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ def _describe(**tensors: Tensor) -> str:
 
 
 def _check_tensors(named: dict) -> None:
+    """TypeError unless every value of ``named`` is a tensor; ValueError when they sit on several devices."""
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
