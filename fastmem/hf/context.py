@@ -20,11 +20,13 @@ from fastmem.ops import AttentionPlan, plan_prefix_attention, prefix_attention
 
 
 def needs_grad(tensors) -> bool:
+    """Whether autograd is on and some of ``tensors`` require gradients."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def check_grad_mode(needs_grad: bool) -> None:
-    if needs_grad and not torch.is_grad_enabled():
+def check_grad_mode(expects_grad: bool) -> None:
+    """ValueError when a layer runs without autograd while its memory ``expects_grad``."""
+    if expects_grad and not torch.is_grad_enabled():
         raise ValueError("memory gradients would be lost: a layer ran without autograd (reentrant gradient "
                          "checkpointing); use non-reentrant checkpointing (use_reentrant=False, transformers' "
                          "default)")

@@ -64,7 +64,7 @@ class _Injection:
         self.parameter_names = list(inspect.signature(model.forward).parameters)
         self.rope_limit = rope_position_limit(model)
         self.cached: tuple[tuple, Memory] | None = None
-        self.pending: tuple[InjectionContext, Tensor, bool] | None = None
+        self.pending: tuple[InjectionContext, Tensor | None, Tensor, bool] | None = None
 
     def memory(self, index: Tensor) -> Memory:
         """The batch's memory; without autograd it is built once per block and source version."""
