@@ -5,7 +5,8 @@
    prompt's (`fastmem.hf.shared_prefix`). Every sample's first token comes from the logits at
    its prompt's last token.
 2. Decode: the B * n sample rows step in lockstep (`_LockstepDecoder`). Row r attends to pool slot
-   r // n through `prefix_attention`, then to its own keys, kept in preallocated buffers
+   r // n through `prefix_attention` (every layer and step with one `AttentionPlan`, built at the first
+   step and again only when the rows are compacted), then to its own keys, kept in preallocated buffers
    ``[rows, max_new_tokens - 1, Hkv, D]`` per layer: each step writes one position and attends to views of
    the filled part, so neither the prompt nor earlier steps are ever copied, and no mask is built.
    Positions continue from each prompt's own length, memory included, as `inject` places them.
