@@ -328,7 +328,7 @@ def fastmem_loop(shape: LoopShape):
         from fastmem.learner import OnlineLearner
 
         learner = OnlineLearner(inputs["model"], inputs["tokenizer"], copy.deepcopy(inputs["store"]),
-                                n=shape.samples, steps=shape.steps, top_k=shape.top_k, kind="prefix",
+                                n=shape.samples, steps=shape.steps, retrieve=shape.top_k, kind="prefix",
                                 memory="problem", length=shape.memory_len, lr=shape.lr,
                                 temperature=shape.temperature, max_new_tokens=shape.max_new_tokens, control=0,
                                 min_similarity=shape.min_similarity, batch_size=shape.problems,

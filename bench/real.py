@@ -460,7 +460,7 @@ def fastmem_loop(shape: RealShape):
         from fastmem.learner import OnlineLearner
 
         learner = OnlineLearner(inputs["model"], inputs["tokenizer"], copy.deepcopy(inputs["store"]),
-                                n=shape.loop_samples, steps=shape.loop_steps, top_k=LOOP_TOP_K, kind="prefix",
+                                n=shape.loop_samples, steps=shape.loop_steps, retrieve=LOOP_TOP_K, kind="prefix",
                                 memory="problem", length=shape.loop_memory_len, lr=LOOP_LR, temperature=1.0,
                                 max_new_tokens=shape.loop_new_tokens, control=0, min_similarity=LOOP_MIN_SIMILARITY,
                                 batch_size=shape.loop_problems, seed=SEED)

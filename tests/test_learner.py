@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fastmem import training
 from fastmem.__main__ import main
 from fastmem.data import build_tokenizer, stream
-from fastmem.learner import OnlineLearner
+from fastmem.learner import LearnerConfig, OnlineLearner
 from fastmem.store import MemoryStore
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
@@ -129,6 +129,27 @@ def test_fresh_prefixes_start_as_asked(model_dir, monkeypatch, init):
     assert asked and set(asked) == {init}
     with pytest.raises(ValueError, match="prefix_init must be one of normal, tokens"):
         OnlineLearner(None, None, MemoryStore(), prefix_init="zeros")
+
+
+def test_settings_come_from_a_config_and_keywords_replace_its_fields(model_dir):
+    from fastmem.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    config = LearnerConfig(n=6, control=1, steps=2)
+    learner = OnlineLearner(model, tokenizer, MemoryStore(), config, steps=3, stop="###")
+    assert learner.config == LearnerConfig(n=6, control=1, steps=3, stop=("###",)) and config.steps == 2
+    assert OnlineLearner(model, tokenizer, MemoryStore(), n=5).config == LearnerConfig(n=5)
+    with pytest.raises(TypeError, match="top_k"):
+        OnlineLearner(model, tokenizer, MemoryStore(), top_k=2)
+    with pytest.raises(TypeError, match="config must be a LearnerConfig"):
+        OnlineLearner(model, tokenizer, MemoryStore(), 8)
+    for bad, message in [(dict(n=0), "n must be > 0"), (dict(n=2, control=2), r"control must lie in \[0, n=2\)"),
+                         (dict(lr=float("inf")), "lr must be a finite number"), (dict(steps=1.5), "steps must be an int"),
+                         (dict(gate="yes"), "gate must be a bool"), (dict(stop=["ok", ""]), "stop must be non-empty"),
+                         (dict(kind="lora"), "kind must be one of soft_prompt, prefix"),
+                         (dict(cluster_similarity=1.5), r"cluster_similarity must be in \[-1, 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            LearnerConfig(**bad)
 
 
 def test_no_label_reaches_training(model_dir, tmp_path, monkeypatch):
