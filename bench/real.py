@@ -426,7 +426,7 @@ def loop_workload(settings: "Settings", shape: RealShape, spec: RealModel) -> Wo
     prompts, N(0, 1) prefix memories), both loops encoding questions with the same `PromptFormat`."""
     def make_inputs():
         from fastmem.prompting import PromptFormat
-        from fastmem.store import MemoryStore
+        from fastmem.store import EntryMeta, MemoryStore
 
         model, tokenizer = spec.build(settings)
         earlier, earlier_ids = word_prompts(tokenizer, shape.loop_stored, seed=SEED + 1)
@@ -438,7 +438,7 @@ def loop_workload(settings: "Settings", shape: RealShape, spec: RealModel) -> Wo
         vectors = torch.cat([t.movedim(1, 0).flatten(1) for t in (bank.keys, bank.values)], dim=1).float()
         store = MemoryStore()
         for question, key, vector in zip(earlier, keys, vectors):
-            store.add(key, vector, question=question, answer=None, vote_share=1.0, step=0, members=1)
+            store.add(key, vector, EntryMeta(question=question, vote_share=1.0, members=1))
         questions, _ = word_prompts(tokenizer, shape.loop_problems)
         return dict(model=model, tokenizer=tokenizer, store=store, keys=keys, memories=memories, questions=questions,
                     peft_model=peft_model_of(model, "prefix", shape.loop_memory_len),

@@ -49,7 +49,7 @@ from fastmem.prompting import PromptFormat
 from fastmem.distributed import all_gather, share
 from fastmem.options import COSINE, NON_NEGATIVE, POSITIVE, UNIT, Range, check_options, option
 from fastmem.sampling import sample, stream_seed
-from fastmem.store import MemoryStore
+from fastmem.store import EntryMeta, MemoryStore
 from fastmem.training import OBJECTIVES, MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
@@ -371,14 +371,13 @@ class OnlineLearner:
             return []
         clusters = dict.fromkeys(plan.cluster for plan in plans if plan.cluster is not None)
         return [(cluster, item["prompt"], item["traces"]) for cluster in clusters
-                for item in self.store.get(cluster)[1].get("replay", [])]
+                for item in self.store.meta(cluster).replay]
 
     def _gate_open(self, entry_id: int) -> bool:
         if not self.config.gate:
             return True
-        meta = self.store.get(entry_id)[1]
-        trials = meta.get("gate_trials", 0)
-        return trials < self.config.gate_trials or meta.get("gate_gain", 0.0) >= 0
+        meta = self.store.meta(entry_id)
+        return meta.gate_trials < self.config.gate_trials or meta.gate_gain >= 0
 
     def _store(self, batch: "_Batch", vectors: Tensor, plans) -> list[int]:
         """Add or update the batch's store entries in stream order; ``vectors [S, F]``: every slot's trained
@@ -388,11 +387,11 @@ class OnlineLearner:
                  for plan, vote in zip(plans, votes)]
         ids: list[int] = []
         for slot, (question, plan, vote) in enumerate(zip(questions, plans, votes)):
-            meta = dict(question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done)
             if plan.cluster is None:
-                if self.config.memory == "cluster":
-                    meta["replay"] = self._remembered([], batch, [slot])
-                ids.append(self.store.add(keys[slot], vectors[slot], **meta, members=1))
+                replay = self._remembered([], batch, [slot]) if self.config.memory == "cluster" else []
+                ids.append(self.store.add(keys[slot], vectors[slot], EntryMeta(
+                    question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done,
+                    members=1, replay=replay)))
                 if self.config.memory == "cluster":   # later questions of this batch may join the new cluster
                     for later in range(slot + 1, len(plans)):
                         if plans[later].cluster is None and torch.cosine_similarity(
@@ -410,20 +409,19 @@ class OnlineLearner:
         """Fold this batch's trained memories of ``cluster`` (its questions' slots, and ``extra``: its
         replayed problems' slots) into it, averaging the slots that trained; update key and statistics."""
         keys, votes = batch.keys, batch.votes
-        _, meta = self.store.get(cluster)
-        members = meta.get("members", 1)
+        meta = self.store.meta(cluster)
+        members = meta.members or 1
         key = (self.store.key(cluster) * members + keys[slots].sum(0)) / (members + len(slots))
         measured = [gains[s] for s in slots if gains[s] is not None]
-        trials = meta.get("gate_trials", 0) + len(measured)
-        gain = (meta.get("gate_gain", 0.0) * meta.get("gate_trials", 0) + sum(measured)) / max(trials, 1)
+        trials = meta.gate_trials + len(measured)
+        gain = (meta.gate_gain * meta.gate_trials + sum(measured)) / max(trials, 1)
         shares = [votes[s].share for s in slots]
         trained = [s for s in slots + extra if batch.signal[s]]
-        update = {} if not trained else {"memory": vectors[trained].mean(0)}
-        self.store.update(cluster, key=key, members=members + len(slots), **update,
-                          vote_share=(meta["vote_share"] * members + sum(shares)) / (members + len(slots)),
-                          step=self.batches_done, gate_trials=trials, gate_gain=gain,
-                          last_question=batch.questions[slots[-1]],
-                          replay=self._remembered(meta.get("replay", []), batch, slots))
+        self.store.update(cluster, memory=vectors[trained].mean(0) if trained else None, key=key, meta=replace(
+            meta, members=members + len(slots),
+            vote_share=(meta.vote_share * members + sum(shares)) / (members + len(slots)),
+            step=self.batches_done, gate_trials=trials, gate_gain=gain, last_question=batch.questions[slots[-1]],
+            replay=self._remembered(meta.replay, batch, slots)))
 
     def _remembered(self, buffer: list[dict], batch: "_Batch", slots: list[int]) -> list[dict]:
         """A cluster's replay buffer after this batch: its newest ``replay`` problems with majority traces."""

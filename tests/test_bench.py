@@ -291,7 +291,7 @@ def test_loop_baseline_keys_equal_the_learners_and_it_stores_every_question():
         temperature=shape.temperature, extract_answer=extract_answer, vote=majority_vote)
     assert len(answers) == len(questions)
     assert keys.shape[0] == memories.shape[0] == shape.stored + len(questions)
-    stored = [x["store"].get(entry_id)[1]["question"] for entry_id in x["store"].ids]
+    stored = [x["store"].meta(entry_id).question for entry_id in x["store"].ids]
     for question, key in zip(stored + questions, keys):
         torch.testing.assert_close(key, learner.embed([question])[0], rtol=1e-5, atol=1e-5)
     tokens = x["tokenizer"](questions[0], return_tensors="pt").input_ids

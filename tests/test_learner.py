@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_learner_stores_memories_and_reports_every_question(model_dir, memory):
     if memory == "problem":
         assert len(store) == 6 and results[-1].retrieved   # later questions start from stored memories
     else:
-        assert len(store) == 1 and store.get(store.ids[0])[1]["members"] == 6   # everything joined one cluster
+        assert len(store) == 1 and store.meta(store.ids[0]).members == 6   # everything joined one cluster
 
 
 def test_resample_draws_each_problem_with_its_own_trained_memory(model_dir, monkeypatch):
@@ -241,7 +242,8 @@ def test_gate_closes_a_memory_that_lowered_agreement_unless_turned_off(model_dir
     assert not any(r.used_memory for r in first)           # nothing stored yet: a fresh cluster
     cluster = first[0].memory_id
     assert learner.solve(questions[2:3])[0].used_memory      # open until gate_trials uses are measured
-    learner.store.update(cluster, gate_trials=2, gate_gain=-0.5)   # its samples agreed less than control's
+    # its samples agreed less than control's
+    learner.store.update(cluster, meta=replace(learner.store.meta(cluster), gate_trials=2, gate_gain=-0.5))
     assert learner.solve(questions[3:4])[0].used_memory is (not gate)
 
 
@@ -263,7 +265,7 @@ def test_replay_trains_each_cluster_on_its_remembered_problems(model_dir, monkey
         learner.solve(questions[start:start + 2])
     prompts = [learner.tokenizer(q)["input_ids"] for q in questions]
     (cluster,) = learner.store.ids
-    remembered = learner.store.get(cluster)[1]["replay"]
+    remembered = learner.store.meta(cluster).replay
     assert [item["prompt"] for item in remembered] == prompts[3:]          # the newest three, in order
     assert all(len(item["traces"]) == 4 for item in remembered)            # every sample agreed
     assert calls[0][0] == prompts[:2]                                      # batch 1: nothing remembered yet
@@ -277,6 +279,6 @@ def test_learner_consolidates_the_store_every_k_batches(model_dir, every):
     question = next(stream(5, 1))["question"]
     learner.solve([question] * 4)                  # identical keys: near duplicates
     if every:
-        assert len(learner.store) == 1 and len(learner.store.get(learner.store.ids[0])[1]["merged"]) == 3
+        assert len(learner.store) == 1 and len(learner.store.meta(learner.store.ids[0]).merged) == 3
     else:
         assert len(learner.store) == 4
