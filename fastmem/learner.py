@@ -295,15 +295,16 @@ class OnlineLearner:
             return dict(vectors=None, samples=[], answers=[], votes=[], rewards=[], resampled=[], signal=[])
         own_replayed = [item for item, owner in zip(replayed, owners) if owner == self.rank]
         # a fresh memory: drawn from its problem's own stream (the replayed slots are overwritten below)
-        generators = [torch.Generator().manual_seed(stream_seed(self.config.seed, first + i, FRESH_MEMORY)) for i in mine]
+        generators = [torch.Generator().manual_seed(stream_seed(self.config.seed, first + i, FRESH_MEMORY))
+                      for i in mine]
         bank = KINDS[self.config.kind](self.model, slots=len(mine) + len(own_replayed), length=self.config.length,
-                                generator=generators + [torch.Generator() for _ in own_replayed],
-                                **self.memory_options)
-        for slot, i in enumerate(mine):
-            if plans[i].start is not None:
-                _write_vector(bank, slot, plans[i].start)
-        for offset, (cluster, _, _) in enumerate(own_replayed):
-            _write_vector(bank, len(mine) + offset, self.store.get(cluster)[0])
+                                       generator=generators + [torch.Generator() for _ in own_replayed],
+                                       **self.memory_options)
+        starts = {slot: plans[i].start for slot, i in enumerate(mine) if plans[i].start is not None}
+        starts.update({len(mine) + offset: self.store.get(cluster)[0]
+                       for offset, (cluster, _, _) in enumerate(own_replayed)})
+        for slot, start in starts.items():      # stored memories: flat vectors, as `MemoryBank.read_vectors` made them
+            bank.write_vectors(torch.tensor([slot], device=bank.lengths.device), start[None])
         own_prompts = [prompts[i] for i in mine]
 
         def seeds(stream: int) -> list[int]:
@@ -332,7 +333,7 @@ class OnlineLearner:
             fresh = self._sample(own_prompts, bank, torch.arange(len(mine)), self.config.n, seeds(RESAMPLED))
             resampled = [[self.extract_answer(s.text) for s in row] for row in fresh]
             votes = [majority_vote(row, self.equivalent) for row in resampled]
-        return dict(vectors=_read_vectors(bank), samples=samples, answers=answers, votes=votes, rewards=rewards,
+        return dict(vectors=bank.read_vectors(), samples=samples, answers=answers, votes=votes, rewards=rewards,
                     resampled=resampled, signal=signal)
 
     def _sample(self, prompts, bank, index, n, seeds):
@@ -461,25 +462,3 @@ def _agreement_gain(vote, memory_samples: int) -> float | None:
     if not treated or not control:
         return None
     return sum(treated) / len(treated) - sum(control) / len(control)
-
-
-def _read_vectors(bank: MemoryBank) -> Tensor:
-    """Every slot of the bank as one flat fp32 vector: ``[S, F]``."""
-    rows = bank.slot_rows(torch.arange(bank.num_slots, device=bank.lengths.device))
-    return torch.cat([row.movedim(bank.SLOT_DIM, 0).flatten(1).float() for row in rows.values()], dim=1)
-
-
-def _write_vector(bank: MemoryBank, slot: int, vector: Tensor) -> None:
-    """Overwrite ``slot`` of the bank with a flat vector laid out as `_read_vectors` makes it."""
-    slots = torch.tensor([slot], device=bank.lengths.device)
-    rows, offset = {}, 0
-    for name, row in bank.slot_rows(slots).items():
-        per_slot = row.movedim(bank.SLOT_DIM, 0)
-        size = per_slot[0].numel()
-        part = vector[offset:offset + size].to(device=per_slot.device, dtype=per_slot.dtype)  # store may live elsewhere
-        rows[name] = part.reshape(per_slot.shape).movedim(0, bank.SLOT_DIM)
-        offset += size
-    if offset != vector.numel():
-        raise ValueError(f"a stored memory of {vector.numel()} values does not fit this bank's slots of {offset}")
-    bank.write_slot_rows(slots, rows)
-
