@@ -321,3 +321,45 @@ def test_builtin_word_problems_run_by_name(chat_model_dir, monkeypatch):
 
     assert [p["question"] for p in seen] == [p["question"] for p in word_problems(4, 2)]
     assert all(p["answer"] == p_["answer"].rsplit("#### ", 1)[1] for p, p_ in zip(seen, word_problems(4, 2)))
+
+
+# ---- python -m fastmem info ----------------------------------------------------------------------
+
+def info_report(capsys) -> tuple[dict[str, str], dict[tuple[str, str, int], str], str]:
+    """``python -m fastmem info``'s backend lines: name -> status, (device, dtype, head dim) -> auto's pick."""
+    main(["info"])
+    text = capsys.readouterr().out
+    status = dict(re.findall(r"^  (\w+) +(available|unavailable: .*)$", text, re.MULTILINE))
+    picks = {(device, dtype, int(head_dim)): picked for device, dtype, head_dim, picked
+             in re.findall(r"^  auto on (\w+) +(\w+) +head dim (\d+) +-> (\w+)$", text, re.MULTILINE)}
+    return status, picks, text
+
+
+@pytest.mark.parametrize("native_off", [False, True], ids=["as installed", "native switched off"])
+def test_info_reports_each_backends_availability_and_autos_pick(capsys, monkeypatch, native_off):
+    """Every backend is listed with its real availability (and reason), and each auto line names what
+    `auto` runs: on the CPU the native kernel when it is available, else the torch reference. With the
+    native backend made unavailable, info says so and auto falls back to torch."""
+    from fastmem.ops import backends
+
+    if native_off:
+        real = backends.unavailable_reason
+        monkeypatch.setattr(backends, "unavailable_reason",
+                            lambda name: "switched off by the test" if name == "native" else real(name))
+    backends.resolve.cache_clear()
+    try:
+        status, picks, text = info_report(capsys)
+    finally:
+        backends.resolve.cache_clear()
+    native = backends.unavailable_reason("native")
+    if native_off:
+        assert native == "switched off by the test"
+    assert status == {name: "available" if backends.unavailable_reason(name) is None
+                      else f"unavailable: {backends.unavailable_reason(name)}" for name in backends.BACKEND_MODULES}
+    assert ("native CPU kernels" in text) == (native is None)
+    cpu = {key: picked for key, picked in picks.items() if key[0] == "cpu"}
+    assert sorted(cpu) == sorted(("cpu", dtype, head_dim) for dtype in ("float32", "float16", "bfloat16")
+                                 for head_dim in (64, 128))
+    assert set(cpu.values()) == {"torch" if native is not None else "native"}
+    assert len(picks) == 6 * (1 + torch.cuda.is_available())
+
