@@ -268,7 +268,6 @@ class OnlineLearner:
         traces = [[list(s.token_ids) for s in row] for row in samples]
         batch = _Batch(questions, prompts, keys, traces, rewards, votes, signal, replayed)
         memory_ids = self._store(batch, vectors, plans)
-        self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
         self.batches_done += 1
         self.problems_done += len(questions)
         if self.config.consolidate_every and self.batches_done % self.config.consolidate_every == 0:
@@ -381,29 +380,36 @@ class OnlineLearner:
         return meta.gate_trials < self.config.gate_trials or meta.gate_gain >= 0
 
     def _store(self, batch: "_Batch", vectors: Tensor, plans) -> list[int]:
-        """Add or update the batch's store entries in stream order; ``vectors [S, F]``: every slot's trained
-        memory (questions, then replayed problems). Returns each question's entry id."""
+        """Write the batch into the store; ``vectors [S, F]``: every slot's trained memory (questions, then
+        replayed problems). Returns each question's entry id.
+
+        In this order: the batch's retrievals are counted (they came first); the clusters it retrieved are
+        updated; then the new entries are added in stream order, a new cluster updated with the later questions
+        of the batch that join it before the next add. So an add that finds the store full can evict only an
+        entry the batch has finished writing, never one it still has to update (a returned id may name an
+        entry evicted since)."""
         questions, keys, votes = batch.questions, batch.keys, batch.votes
         gains = [_agreement_gain(vote, self.config.n - self.config.control) if plan.use else None
                  for plan, vote in zip(plans, votes)]
-        ids: list[int] = []
-        for slot, (question, plan, vote) in enumerate(zip(questions, plans, votes)):
-            if plan.cluster is None:
-                replay = self._remembered([], batch, [slot]) if self.config.memory == "cluster" else []
-                ids.append(self.store.add(keys[slot], vectors[slot], EntryMeta(
-                    question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done,
-                    members=1, replay=replay)))
-                if self.config.memory == "cluster":   # later questions of this batch may join the new cluster
-                    for later in range(slot + 1, len(plans)):
-                        if plans[later].cluster is None and torch.cosine_similarity(
-                                keys[slot], keys[later], dim=0) >= self.config.cluster_similarity:
-                            plans[later] = _Plan(None, [], False, ids[-1])
-                continue
-            ids.append(plan.cluster)
-        for cluster in dict.fromkeys(i for i, plan in zip(ids, plans) if plan.cluster is not None):
-            slots = [s for s, i in enumerate(ids) if i == cluster and plans[s].cluster is not None]
+        self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
+        ids: list[int | None] = [plan.cluster for plan in plans]
+        for cluster in dict.fromkeys(i for i in ids if i is not None):
+            slots = [s for s, i in enumerate(ids) if i == cluster]
             extra = [len(questions) + r for r, (c, _, _) in enumerate(batch.replayed) if c == cluster]
             self._update_cluster(cluster, slots, extra, batch, vectors, gains)
+        clusters = self.config.memory == "cluster"
+        for slot, (question, vote) in enumerate(zip(questions, votes)):
+            if ids[slot] is not None:
+                continue
+            ids[slot] = self.store.add(keys[slot], vectors[slot], EntryMeta(
+                question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done, members=1,
+                replay=self._remembered([], batch, [slot]) if clusters else []))
+            joining = [later for later in range(slot + 1, len(plans)) if clusters and ids[later] is None
+                       and torch.cosine_similarity(keys[slot], keys[later], dim=0) >= self.config.cluster_similarity]
+            for later in joining:
+                ids[later] = ids[slot]
+            if joining:
+                self._update_cluster(ids[slot], joining, [], batch, vectors, gains)
         return ids
 
     def _update_cluster(self, cluster, slots, extra, batch: "_Batch", vectors, gains) -> None:

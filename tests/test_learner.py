@@ -282,3 +282,26 @@ def test_learner_consolidates_the_store_every_k_batches(model_dir, every):
         assert len(learner.store) == 1 and len(learner.store.meta(learner.store.ids[0]).merged) == 3
     else:
         assert len(learner.store) == 4
+
+
+@pytest.mark.parametrize("memory", ["cluster", "problem"])
+def test_a_full_store_evicts_only_entries_the_batch_has_finished_with(model_dir, memory):
+    """A batch that retrieves the only entry of a full store (capacity 1) and also opens a new entry: the
+    retrieved entry is updated (cluster mode) and its hit counted before the add evicts it (this was a
+    KeyError in the cluster update); the new entry is stored. A question that joins a cluster opened in its
+    own batch is folded in before a later add can evict that cluster."""
+    directions = {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
+
+    def embed(questions):
+        return torch.tensor([directions[q[0]] for q in questions])
+
+    store = MemoryStore(capacity=1)
+    learner = small_learner(model_dir, store, memory=memory, cluster_similarity=0.9, min_similarity=0.5,
+                            batch_size=4, embed_fn=embed)
+    first = learner.solve(["a1"])[0].memory_id
+    results = learner.solve(["a2", "b1", "b2", "c1"])
+    assert [r.retrieved for r in results][:1] == [[first]] and store.ids == [results[-1].memory_id]
+    if memory == "cluster":
+        assert results[0].memory_id == first and results[1].memory_id == results[2].memory_id
+        assert store.meta(store.ids[0]).question == "c1" and store.meta(store.ids[0]).members == 1
+    assert store.meta(store.ids[0]).hits == 0
