@@ -134,7 +134,7 @@ class LearnerConfig:
     consolidate_every: int = option(0, "merge near-duplicate store entries every this many batches (0: never)",
                                     "learning", allowed=NON_NEGATIVE)
     consolidate_threshold: float = option(0.95, "cosine similarity above which store entries are merged",
-                                          "learning", allowed=COSINE)
+                                          "learning", allowed=Range(0, 1, low_open=True))   # MemoryStore.consolidate's
     resample: bool = option(False, "after training, draw n new samples of each problem with its own trained memory "
                                    "and answer their majority (the comparison then reports distillation)", "learning")
     seed: int = option(0, "names every random stream: the built-in data stream, each problem's samples and fresh "

@@ -71,6 +71,7 @@ BAD_OPTIONS = [
     (["--objective", "dpo"], "--objective"),
     (["--min-similarity", "-1.5"], "--min-similarity"),
     (["--gate-trials", "-1"], "--gate-trials"),
+    (["--consolidate-threshold", "0"], "--consolidate-threshold"),
     (["--seed", "x"], "--seed"),
     (["--limit", "many"], "--limit"),
     (["--prompt", "no placeholder"], "--prompt"),
