@@ -293,7 +293,7 @@ def loop_workload(settings: "Settings", shape: LoopShape) -> Workload:
     def make_inputs():
         from bench.baselines import mean_hidden_state
         from fastmem.data import stream
-        from fastmem.store import MemoryStore
+        from fastmem.store import EntryMeta, MemoryStore
 
         model, tokenizer = DEFAULT_MODEL.build(settings)
         earlier = [p["question"] for p in stream(SEED + 1, shape.stored)]
@@ -308,7 +308,7 @@ def loop_workload(settings: "Settings", shape: LoopShape) -> Workload:
             bank = bank_of(model, "prefix", memories)
             vectors = torch.cat([t.movedim(1, 0).flatten(1) for t in (bank.keys, bank.values)], dim=1).float()
             for question, key, vector in zip(earlier, keys, vectors):
-                store.add(key, vector, question=question, answer=None, vote_share=1.0, step=0, members=1)
+                store.add(key, vector, EntryMeta(question=question, vote_share=1.0, members=1))
         return dict(model=model, tokenizer=tokenizer, store=store, keys=keys, memories=memories,
                     questions=[p["question"] for p in stream(SEED, shape.problems)],
                     peft_model=peft_model_of(model, "prefix", shape.memory_len))
@@ -328,7 +328,7 @@ def fastmem_loop(shape: LoopShape):
         from fastmem.learner import OnlineLearner
 
         learner = OnlineLearner(inputs["model"], inputs["tokenizer"], copy.deepcopy(inputs["store"]),
-                                n=shape.samples, steps=shape.steps, top_k=shape.top_k, kind="prefix",
+                                n=shape.samples, steps=shape.steps, retrieve=shape.top_k, kind="prefix",
                                 memory="problem", length=shape.memory_len, lr=shape.lr,
                                 temperature=shape.temperature, max_new_tokens=shape.max_new_tokens, control=0,
                                 min_similarity=shape.min_similarity, batch_size=shape.problems,

@@ -426,7 +426,7 @@ def loop_workload(settings: "Settings", shape: RealShape, spec: RealModel) -> Wo
     prompts, N(0, 1) prefix memories), both loops encoding questions with the same `PromptFormat`."""
     def make_inputs():
         from fastmem.prompting import PromptFormat
-        from fastmem.store import MemoryStore
+        from fastmem.store import EntryMeta, MemoryStore
 
         model, tokenizer = spec.build(settings)
         earlier, earlier_ids = word_prompts(tokenizer, shape.loop_stored, seed=SEED + 1)
@@ -438,7 +438,7 @@ def loop_workload(settings: "Settings", shape: RealShape, spec: RealModel) -> Wo
         vectors = torch.cat([t.movedim(1, 0).flatten(1) for t in (bank.keys, bank.values)], dim=1).float()
         store = MemoryStore()
         for question, key, vector in zip(earlier, keys, vectors):
-            store.add(key, vector, question=question, answer=None, vote_share=1.0, step=0, members=1)
+            store.add(key, vector, EntryMeta(question=question, vote_share=1.0, members=1))
         questions, _ = word_prompts(tokenizer, shape.loop_problems)
         return dict(model=model, tokenizer=tokenizer, store=store, keys=keys, memories=memories, questions=questions,
                     peft_model=peft_model_of(model, "prefix", shape.loop_memory_len),
@@ -460,7 +460,7 @@ def fastmem_loop(shape: RealShape):
         from fastmem.learner import OnlineLearner
 
         learner = OnlineLearner(inputs["model"], inputs["tokenizer"], copy.deepcopy(inputs["store"]),
-                                n=shape.loop_samples, steps=shape.loop_steps, top_k=LOOP_TOP_K, kind="prefix",
+                                n=shape.loop_samples, steps=shape.loop_steps, retrieve=LOOP_TOP_K, kind="prefix",
                                 memory="problem", length=shape.loop_memory_len, lr=LOOP_LR, temperature=1.0,
                                 max_new_tokens=shape.loop_new_tokens, control=0, min_similarity=LOOP_MIN_SIMILARITY,
                                 batch_size=shape.loop_problems, seed=SEED)

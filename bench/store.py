@@ -59,7 +59,7 @@ def fill(store, entries: int, shape: tuple, dim: int, marks: tuple[int, ...] = (
     started = time.perf_counter()
     for i in range(entries):
         memory.view(-1)[0] = i   # a distinct memory, made in place: the fill times the store, not torch
-        store.add(torch.randn(dim, generator=generator), memory, question=f"q{i}", vote_share=0.5)
+        store.add(torch.randn(dim, generator=generator), memory)   # no metadata: the old and new APIs differ
         if (i + 1) % SAVE_EVERY == 0:
             before = time.perf_counter()
             store.save()

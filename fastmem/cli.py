@@ -22,11 +22,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     error naming its option. ``--help`` shows every default."""
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     _one_line_errors(parser)
-    learner = _learner_defaults()
     from fastmem.data.files import BUILTIN
     from fastmem.distributed import DEFAULT_TIMEOUT_S
-    from fastmem.memory import PrefixBank
     from fastmem.models import DTYPES
+    from fastmem.options import POSITIVE
     from fastmem.prompting import CHAT_PROMPT, CHAT_TEMPLATE_CHOICES
 
     model = parser.add_argument_group("model")
@@ -44,8 +43,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--answer-field", default="answer",
                       help="the data's reference column (a bare answer, a GSM8K '#### N' solution or a MATH "
                            "\\boxed{} solution), used only to report accuracy; absent: no accuracy")
-    data.add_argument("--seed", type=int, default=0, help="built-in stream and sampling seed")
-    data.add_argument("--limit", type=_positive(int), default=200, help="problems to solve")
+    data.add_argument("--limit", type=_typed(int, POSITIVE), default=200, help="problems to solve")
     prompt = parser.add_argument_group("prompt")
     prompt.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
                         help="apply the tokenizer's chat template (auto: when it has one)")
@@ -53,64 +51,49 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", type=_prompt_template,
                         help="the user turn, holding {question} (none: %r with a chat template, the bare "
                              "question without)" % CHAT_PROMPT)
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--n", "--samples", type=_positive(int), default=learner["n"],
-                          help="samples per problem (under torchrun write --samples: torchrun reads --n as its own "
-                               "--nnodes or --nproc-per-node)")
-    sampling.add_argument("--temperature", type=_at_least(0.0), default=learner["temperature"],
-                          help="sampling temperature (0: greedy)")
-    sampling.add_argument("--top-p", type=_in_range(0.0, 1.0, low_open=True), default=learner["top_p"],
-                          help="nucleus sampling mass (1: off)")
-    sampling.add_argument("--top-k", type=_at_least(0, int), default=learner["sample_top_k"],
-                          help="sample among the k most likely tokens (0: off)")
-    sampling.add_argument("--min-p", type=_in_range(0.0, 1.0, high_open=True), default=learner["min_p"],
-                          help="drop tokens less likely than min-p times the most likely one (0: off)")
-    sampling.add_argument("--stop", action="append", type=_non_empty, default=None,
-                          help="a string that ends a sample (repeat for several); none: eos and the length "
-                               "limit only")
-    sampling.add_argument("--max-new-tokens", type=_positive(int), default=learner["max_new_tokens"],
-                          help="tokens per sample at most")
-    learning = parser.add_argument_group("learning")
-    learning.add_argument("--steps", type=_at_least(0, int), default=learner["steps"], help="Adam steps per batch")
-    learning.add_argument("--kind", choices=("soft_prompt", "prefix"), default=learner["kind"], help="memory kind")
-    learning.add_argument("--memory", choices=("problem", "cluster"), default=learner["memory"],
-                          help="one memory per problem, or per cluster of similar problems")
-    learning.add_argument("--batch-size", type=_positive(int), default=learner["batch_size"],
-                          help="problems per batch")
-    learning.add_argument("--lr", type=_positive(float), default=learner["lr"], help="Adam learning rate")
-    learning.add_argument("--length", type=_positive(int), default=learner["length"],
-                          help="memory positions per slot")
-    learning.add_argument("--prefix-init", choices=PrefixBank.INITS, default=learner["prefix_init"],
-                          help="a fresh prefix: the keys and values of random tokens, or N(0, 1) as PEFT")
-    learning.add_argument("--gate", action=argparse.BooleanOptionalAction, default=learner["gate"],
-                          help="use a retrieved memory only while its samples agree with the vote at least as "
-                               "often as the control samples do")
-    learning.add_argument("--control", type=_at_least(0, int), default=learner["control"],
-                          help="samples per problem drawn without memory (less than --n)")
-    learning.add_argument("--gate-trials", type=_at_least(0, int), default=learner["gate_trials"],
-                          help="uses before the gate may close")
-    learning.add_argument("--cluster-similarity", type=_in_range(-1.0, 1.0), default=learner["cluster_similarity"],
-                          help="cosine similarity to join a cluster (memory=cluster)")
-    learning.add_argument("--min-share", type=_in_range(0.0, 1.0), default=learner["min_share"],
-                          help="train only on problems whose majority holds at least this share of the samples")
-    learning.add_argument("--replay", type=_at_least(0, int), default=learner["replay"],
-                          help="past problems per cluster trained on again at every step (memory=cluster)")
-    learning.add_argument("--consolidate-every", type=_at_least(0, int), default=learner["consolidate_every"],
-                          help="merge near-duplicate store entries every this many batches (0: never)")
-    learning.add_argument("--consolidate-threshold", type=_in_range(-1.0, 1.0),
-                          default=learner["consolidate_threshold"],
-                          help="cosine similarity above which store entries are merged")
-    learning.add_argument("--resample", action=argparse.BooleanOptionalAction, default=learner["resample"],
-                          help="after training, draw n new samples of each problem with its own trained memory and "
-                               "answer their majority (the comparison then reports distillation)")
+    groups = {"data": data, "sampling": parser.add_argument_group("sampling"),
+              "learning": parser.add_argument_group("learning")}
+    add_learner_arguments(groups)
     output = parser.add_argument_group("output")
     output.add_argument("--store", help="persist the memory store in this directory")
     output.add_argument("--resume", action="store_true", help="continue a run from --store and --out")
     output.add_argument("--out", help="results JSONL, one line per problem")
     output.add_argument("--no-baselines", action="store_true", help="skip the comparison table")
     ranks = parser.add_argument_group("several processes (torchrun --nproc-per-node N -m fastmem run ...)")
-    ranks.add_argument("--rank-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+    ranks.add_argument("--rank-timeout", type=_typed(float, POSITIVE), default=DEFAULT_TIMEOUT_S,
                        help="seconds a rank waits for the others at a batch's exchange before failing")
+
+
+def add_learner_arguments(groups: dict) -> None:
+    """One option per `LearnerConfig` field, in the argparse group its field names (``groups``: group name ->
+    group), with the field's default, help text and allowed values; `learner_config` reads them back. A
+    number's allowed range is checked as it is parsed (a one-line error naming the option)."""
+    from dataclasses import fields
+
+    from fastmem.learner import LearnerConfig
+    from fastmem.options import flags_of
+
+    for item in fields(LearnerConfig):
+        kind, allowed = type(item.default), item.metadata["allowed"]
+        spec = dict(dest=item.name, default=item.default, help=item.metadata["help"])
+        if kind is bool:
+            spec["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:     # repeated; argparse appends to a list, so no default list to append to
+            spec.update(action="append", type=_non_empty, default=None)
+        elif isinstance(allowed, tuple):
+            spec["choices"] = allowed
+        else:
+            spec["type"] = _typed(kind, allowed)
+        groups[item.metadata["group"]].add_argument(*flags_of(item), **spec)
+
+
+def learner_config(args):
+    """The `LearnerConfig` of parsed ``args`` (`add_learner_arguments`' options)."""
+    from dataclasses import fields
+
+    from fastmem.learner import LearnerConfig
+
+    return LearnerConfig(**{item.name: getattr(args, item.name) for item in fields(LearnerConfig)})
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -131,29 +114,16 @@ def _number(kind, text: str):
     return value
 
 
-def _checked(kind, ok, wanted: str):
+def _typed(kind, allowed=None):
+    """An argparse type: ``kind`` (int or float, finite) within ``allowed`` (a `fastmem.options.Range`; None: any)."""
     def parse(text: str):
         value = _number(kind, text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {wanted}; got {text}")
+        if allowed is not None and value not in allowed:
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text}")
         return value
 
     parse.__name__ = kind.__name__   # argparse names the type in its own messages
     return parse
-
-
-def _positive(kind):
-    return _checked(kind, lambda value: value > 0, "> 0")
-
-
-def _at_least(low, kind=float):
-    return _checked(kind, lambda value: value >= low, f">= {low}")
-
-
-def _in_range(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    wanted = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    return _checked(float, lambda value: (low < value if low_open else low <= value)
-                    and (value < high if high_open else value <= high), f"in {wanted}")
 
 
 def _non_empty(text: str) -> str:
@@ -193,16 +163,6 @@ def check_run_args(args) -> None:
 
 def _fail(message: str):
     raise SystemExit(f"fastmem run: error: {message}")
-
-
-def _learner_defaults() -> dict:
-    """`OnlineLearner`'s keyword defaults: the command line's learner options default to the same values."""
-    import inspect
-
-    from fastmem.learner import OnlineLearner
-
-    return {name: parameter.default for name, parameter in inspect.signature(OnlineLearner).parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
 
 
 def read_questions(args) -> list[dict]:
@@ -291,16 +251,7 @@ def _run(args) -> dict:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     except ModelLoadError as error:
         _fail(f"--model: {error}")
-    learner = OnlineLearner(model, tokenizer, store, n=args.n, steps=args.steps, kind=args.kind,
-                            memory=args.memory, length=args.length, prefix_init=args.prefix_init, lr=args.lr,
-                            batch_size=args.batch_size,
-                            temperature=args.temperature, top_p=args.top_p, sample_top_k=args.top_k,
-                            min_p=args.min_p, stop=args.stop, prompt=prompt_format(args),
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, gate=args.gate,
-                            control=args.control, gate_trials=args.gate_trials,
-                            cluster_similarity=args.cluster_similarity, min_share=args.min_share,
-                            replay=args.replay, consolidate_every=args.consolidate_every,
-                            consolidate_threshold=args.consolidate_threshold, resample=args.resample,
+    learner = OnlineLearner(model, tokenizer, store, learner_config(args), prompt=prompt_format(args),
                             extract_answer=_extractor(args), process_group=group)
     learner.batches_done, learner.problems_done = len(done) // args.batch_size, len(done)
     records = list(done)
@@ -472,7 +423,7 @@ def icl_prompts(learner, problems: list[dict], records: list[dict]) -> list[list
         examples = []
         if i:
             similarity = keys[:i] @ keys[i]
-            for j in similarity.topk(min(learner.top_k, i)).indices.tolist():
+            for j in similarity.topk(min(learner.config.retrieve, i)).indices.tolist():
                 trace = _majority_trace(records[j], learner)
                 if trace is not None:
                     examples.append((records[j]["question"], trace))

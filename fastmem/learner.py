@@ -3,7 +3,7 @@
 Per batch of questions:
 
 1. Embed each question (default: the base model's mean-pooled last hidden states, no memory) and
-   retrieve the ``top_k`` most similar stored memories (cosine).
+   retrieve the ``retrieve`` most similar stored memories (cosine).
 2. Start each question's new memory from what was retrieved: in ``memory="problem"`` mode the
    similarity-weighted mean of the retrieved memories at least ``min_similarity`` similar; in
    ``memory="cluster"`` mode the memory of the nearest cluster at least ``cluster_similarity``
@@ -38,7 +38,7 @@ answer (``resample=True``: the majority of ``n`` new samples drawn with the trai
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -47,9 +47,10 @@ from torch import Tensor
 from fastmem.memory import MemoryBank, PrefixBank
 from fastmem.prompting import PromptFormat
 from fastmem.distributed import all_gather, share
-from fastmem.sampling import check_sampling_options, sample, stream_seed
-from fastmem.store import MemoryStore
-from fastmem.training import MemoryTrainer, trains_on
+from fastmem.options import COSINE, NON_NEGATIVE, POSITIVE, UNIT, Range, check_options, option
+from fastmem.sampling import sample, stream_seed
+from fastmem.store import EntryMeta, MemoryStore
+from fastmem.training import OBJECTIVES, MemoryTrainer, trains_on
 from fastmem.voting import answers_equivalent, extract_answer, majority_vote
 
 KINDS = {"soft_prompt": MemoryBank.soft_prompts, "prefix": MemoryBank.prefixes}
@@ -82,84 +83,111 @@ class Result:
     resampled: list[str | None] = field(default_factory=list)
 
 
-class OnlineLearner:
-    """Learns from a stream of questions by distilling majority-voted samples into stored memories.
-
-    model: a Hugging Face causal LM (patched here with `fastmem.patch` and frozen); tokenizer: its
-    tokenizer; store: a `MemoryStore`. n: samples per question; steps: Adam steps per batch; top_k:
-    memories retrieved; kind: "soft_prompt" or "prefix"; memory: "cluster" or "problem". The
-    remaining keywords are documented in the module docstring, except sampling's: ``temperature``,
-    ``top_p``, ``sample_top_k`` (`fastmem.sample`'s ``top_k``; ``top_k`` here counts retrieved memories),
-    ``min_p``, ``stop`` (strings that end a sample) and ``max_new_tokens``. ``prompt`` (a `PromptFormat`;
-    default: the tokenizer's chat template when it has one) turns each question into the token ids that
-    sampling, training and the retrieval keys all use (`encode`). ``extract_answer`` maps a sample's
-    text to its final answer (None when absent; default `fastmem.voting.extract_answer`: boxed,
-    marked or last number), ``equivalent`` compares two answers, ``embed_fn``
-    maps a list of questions to keys ``[B, d]``. seed: names every random stream: the question at position p of
-    the stream (counted over `solve` calls, ``problems_done``) draws its samples and its fresh memory from
-    streams seeded ``stream_seed(seed, p, stream)``, whatever else shares its batch. process_group: a
-    `torch.distributed` process group; every rank constructs the learner with the same settings and an equal
-    store (checked: ValueError), then calls `solve` with the same questions: each batch is split across the
-    ranks, and every rank ends it with the same store and returns every result (`fastmem.distributed`).
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Every plain setting of `OnlineLearner`, with its default, allowed values and help text in one place:
+    the constructor takes one, and ``python -m fastmem run`` builds its learner options from these fields
+    (`fastmem.cli`). Built with a value of the wrong type or out of range: ValueError naming the field.
 
     The defaults (prefix memories, one per cluster at similarity 0.9, lr 3e-2, 4 steps, gate off with 2
     control samples still voting, no confidence filter, no replay) are the best of the configurations
     measured on the built-in default (README, "Does it learn?"); each alternative was measured too.
     """
+    n: int = option(8, "samples per problem (under torchrun write --samples: torchrun reads --n as its own --nnodes "
+                       "or --nproc-per-node)", "sampling", allowed=POSITIVE, flags=("--n", "--samples"))
+    temperature: float = option(1.0, "sampling temperature (0: greedy)", "sampling", allowed=NON_NEGATIVE)
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)", "sampling", allowed=Range(0, 1, low_open=True))
+    sample_top_k: int = option(0, "sample among the k most likely tokens (0: off; `fastmem.sample`'s top_k)",
+                               "sampling", allowed=NON_NEGATIVE, flags=("--top-k",))
+    min_p: float = option(0.0, "drop tokens less likely than min-p times the most likely one (0: off)", "sampling",
+                          allowed=Range(0, 1, high_open=True))
+    stop: tuple[str, ...] = option((), "a string that ends a sample (repeat for several); none: eos and the length "
+                                       "limit only", "sampling")
+    max_new_tokens: int = option(96, "tokens per sample at most", "sampling", allowed=POSITIVE)
+    steps: int = option(4, "Adam steps per batch", "learning", allowed=NON_NEGATIVE)
+    retrieve: int = option(2, "stored memories retrieved per problem (the most similar keys)", "learning",
+                           allowed=POSITIVE)
+    kind: str = option("prefix", "memory kind: soft-prompt embeddings or per-layer prefix keys and values",
+                       "learning", allowed=tuple(KINDS))
+    memory: str = option("cluster", "one memory per problem, or per cluster of similar problems", "learning",
+                         allowed=GRANULARITIES)
+    batch_size: int = option(16, "problems per batch", "learning", allowed=POSITIVE)
+    lr: float = option(3e-2, "Adam learning rate", "learning", allowed=POSITIVE)
+    length: int = option(8, "memory positions per slot", "learning", allowed=POSITIVE)
+    prefix_init: str = option("tokens", "a fresh prefix: the keys and values of random tokens, or N(0, 1) as PEFT",
+                              "learning", allowed=PrefixBank.INITS)
+    objective: str = option("sft", "sft: train on the majority-consistent traces; reinforce: on every trace with "
+                                   "its 0/1 majority reward", "learning", allowed=OBJECTIVES)
+    gate: bool = option(False, "use a retrieved memory only while its samples agree with the vote at least as often "
+                               "as the control samples do", "learning")
+    control: int = option(2, "samples per problem drawn without memory (less than --n)", "learning",
+                          allowed=NON_NEGATIVE)
+    gate_trials: int = option(2, "uses before the gate may close", "learning", allowed=NON_NEGATIVE)
+    min_similarity: float = option(0.5, "cosine similarity for a stored memory to seed a new one (memory=problem)",
+                                   "learning", allowed=COSINE)
+    cluster_similarity: float = option(0.9, "cosine similarity to join a cluster (memory=cluster)", "learning",
+                                       allowed=COSINE)
+    min_share: float = option(0.0, "train only on problems whose majority holds at least this share of the samples",
+                              "learning", allowed=UNIT)
+    replay: int = option(0, "past problems per cluster trained on again at every step (memory=cluster)", "learning",
+                         allowed=NON_NEGATIVE)
+    consolidate_every: int = option(0, "merge near-duplicate store entries every this many batches (0: never)",
+                                    "learning", allowed=NON_NEGATIVE)
+    consolidate_threshold: float = option(0.95, "cosine similarity above which store entries are merged",
+                                          "learning", allowed=Range(0, 1, low_open=True))   # MemoryStore.consolidate's
+    resample: bool = option(False, "after training, draw n new samples of each problem with its own trained memory "
+                                   "and answer their majority (the comparison then reports distillation)", "learning")
+    seed: int = option(0, "names every random stream: the built-in data stream, each problem's samples and fresh "
+                          "memory", "data")
 
-    def __init__(self, model, tokenizer, store: MemoryStore, n: int = 8, steps: int = 4, top_k: int = 2,
-                 kind: str = "prefix", memory: str = "cluster", *, length: int = 8, prefix_init: str = "tokens",
-                 lr: float = 3e-2, objective: str = "sft", temperature: float = 1.0, top_p: float = 1.0, sample_top_k: int = 0,
-                 min_p: float = 0.0, stop: Sequence[str] | None = None, max_new_tokens: int = 96,
+    def __post_init__(self):
+        check_options(self)
+        if not self.control < self.n:
+            raise ValueError(f"control must lie in [0, n={self.n}); got {self.control}")
+
+
+class OnlineLearner:
+    """Learns from a stream of questions by distilling majority-voted samples into stored memories.
+
+    model: a Hugging Face causal LM (patched here with `fastmem.patch` and frozen); tokenizer: its
+    tokenizer; store: a `MemoryStore`; config: a `LearnerConfig` (default: its defaults); ``options``:
+    `LearnerConfig` fields that replace config's (``OnlineLearner(model, tokenizer, store, n=4)`` is
+    ``config=LearnerConfig(n=4)``; an unknown name is a TypeError). The settings are documented in the module
+    docstring and on `LearnerConfig`; the learner reads them from ``self.config``.
+
+    The keywords that are not plain settings: ``prompt`` (a `PromptFormat`; default: the tokenizer's chat
+    template when it has one) turns each question into the token ids that sampling, training and the
+    retrieval keys all use (`encode`). ``extract_answer`` maps a sample's text to its final answer (None when
+    absent; default `fastmem.voting.extract_answer`: boxed, marked or last number), ``equivalent`` compares
+    two answers, ``embed_fn`` maps a list of questions to keys ``[B, d]``. ``config.seed`` names every random
+    stream: the question at position p of the stream (counted over `solve` calls, ``problems_done``) draws its
+    samples and its fresh memory from streams seeded ``stream_seed(seed, p, stream)``, whatever else shares its
+    batch. process_group: a `torch.distributed` process group; every rank constructs the learner with the same
+    config and an equal store (checked: ValueError), then calls `solve` with the same questions: each batch is
+    split across the ranks, and every rank ends it with the same store and returns every result
+    (`fastmem.distributed`).
+    """
+
+    def __init__(self, model, tokenizer, store: MemoryStore, config: LearnerConfig | None = None, *,
                  prompt: PromptFormat | None = None,
-                 gate: bool = False, control: int = 2, gate_trials: int = 2, min_similarity: float = 0.5,
-                 cluster_similarity: float = 0.9, min_share: float = 0.0, replay: int = 0,
-                 consolidate_every: int = 0, consolidate_threshold: float = 0.95,
-                 resample: bool = False, batch_size: int = 16,
                  extract_answer: Callable[[str], str | None] = extract_answer,
                  equivalent: Callable[[str, str], bool] = answers_equivalent,
-                 embed_fn: Callable[[list[str]], Tensor] | None = None, seed: int = 0, process_group=None):
+                 embed_fn: Callable[[list[str]], Tensor] | None = None, process_group=None, **options):
         import fastmem
 
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-        if prefix_init not in PrefixBank.INITS:
-            raise ValueError(f"prefix_init must be one of {', '.join(PrefixBank.INITS)}; got {prefix_init!r}")
-        if memory not in GRANULARITIES:
-            raise ValueError(f"memory must be one of {', '.join(GRANULARITIES)}; got {memory!r}")
-        if not 0 <= control < n:
-            raise ValueError(f"control must lie in [0, n={n}); got {control}")
-        if steps < 0 or top_k < 1 or batch_size < 1 or length < 1 or replay < 0 or consolidate_every < 0:
-            raise ValueError("need steps >= 0, top_k >= 1, batch_size >= 1, length >= 1, replay >= 0 and "
-                             "consolidate_every >= 0")
-        if not 0 <= min_share <= 1:
-            raise ValueError(f"min_share must lie in [0, 1]; got {min_share}")
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"need n >= 1 and max_new_tokens >= 1; got n={n}, max_new_tokens={max_new_tokens}")
-        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
-            raise ValueError(f"lr must be a positive finite number; got {lr!r}")
-        check_sampling_options(temperature, top_p, sample_top_k, min_p)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be non-empty strings; got {stop!r}")
+        if config is not None and not isinstance(config, LearnerConfig):
+            raise TypeError(f"config must be a LearnerConfig; got {type(config).__name__}")
+        self.config = config = replace(config or LearnerConfig(), **options)
         self.model = fastmem.patch(model).requires_grad_(False)
         self.tokenizer, self.store = tokenizer, store
-        self.n, self.steps, self.top_k, self.kind, self.memory = n, steps, top_k, kind, memory
-        self.length, self.lr, self.objective = length, lr, objective
         # a fresh prefix: "tokens", the keys and values of random tokens (PEFT's N(0, 1) start, "normal",
         # wrecks a real model's predictions before any training; MemoryBank.prefixes)
-        self.memory_options = {"init": prefix_init} if kind == "prefix" else {}
-        self.temperature, self.max_new_tokens, self.control = temperature, max_new_tokens, control
-        self.top_p, self.sample_top_k, self.min_p, self.stop = top_p, sample_top_k, min_p, stop
+        self.memory_options = {"init": config.prefix_init} if config.kind == "prefix" else {}
         self.prompt = prompt if prompt is not None else PromptFormat()
-        self.gate, self.gate_trials, self.min_similarity = gate, gate_trials, min_similarity
-        self.cluster_similarity, self.resample, self.batch_size = cluster_similarity, resample, batch_size
-        self.min_share, self.replay = min_share, replay
-        self.consolidate_every, self.consolidate_threshold = consolidate_every, consolidate_threshold
         self.extract_answer = extract_answer
         self.equivalent = equivalent
         self.embed_fn = embed_fn or self.embed
-        self.seed, self.batches_done, self.problems_done = seed, 0, 0
+        self.batches_done, self.problems_done = 0, 0
         self.process_group = process_group
         self.rank, self.world = (0, 1) if process_group is None else (process_group.rank(), process_group.size())
         if process_group is not None:
@@ -167,9 +195,7 @@ class OnlineLearner:
 
     def _check_ranks_agree(self) -> None:
         """ValueError unless every rank of the group has this rank's settings and an equal store (the same ids)."""
-        plain = (int, float, str, bool, list, tuple, type(None))
-        mine = {name: value for name, value in vars(self).items() if isinstance(value, plain) and name != "rank"}
-        mine["store ids"] = self.store.ids
+        mine = {**asdict(self.config), "store ids": self.store.ids}
         reference = all_gather(mine, self.process_group, "the learners' settings")[0]
         differing = sorted(name for name in mine if mine[name] != reference.get(name))
         if differing:
@@ -201,8 +227,8 @@ class OnlineLearner:
         if isinstance(questions, str) or not all(isinstance(q, str) and q for q in questions):
             raise ValueError("questions must be a list of non-empty strings")
         results: list[Result] = []
-        for start in range(0, len(questions), self.batch_size):
-            batch = list(questions[start:start + self.batch_size])
+        for start in range(0, len(questions), self.config.batch_size):
+            batch = list(questions[start:start + self.config.batch_size])
             results += self._solve_batch(batch)
             if progress is not None:
                 progress(len(batch))
@@ -221,7 +247,7 @@ class OnlineLearner:
             raise ValueError(f"the ranks were given different batches (first position, checksum per rank: "
                              f"{[part['batch'] for part in parts]}): every rank must solve the same questions")
         keys = torch.cat([part["keys"] for part in parts if part["keys"] is not None]).to(self.model.device)
-        scores, ids = self.store.search(keys, self.top_k)
+        scores, ids = self.store.search(keys, self.config.retrieve)
         plans = [self._plan(score_row, id_row) for score_row, id_row in zip(scores.tolist(), ids.tolist())]
         replayed = self._replayed(plans)        # (cluster, prompt, traces) of remembered problems
         owners = [self._owner(next(i for i, plan in enumerate(plans) if plan.cluster == cluster), len(questions))
@@ -242,14 +268,13 @@ class OnlineLearner:
         traces = [[list(s.token_ids) for s in row] for row in samples]
         batch = _Batch(questions, prompts, keys, traces, rewards, votes, signal, replayed)
         memory_ids = self._store(batch, vectors, plans)
-        self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
         self.batches_done += 1
         self.problems_done += len(questions)
-        if self.consolidate_every and self.batches_done % self.consolidate_every == 0:
-            self.store.consolidate(self.consolidate_threshold)
+        if self.config.consolidate_every and self.batches_done % self.config.consolidate_every == 0:
+            self.store.consolidate(self.config.consolidate_threshold)
         return [Result(question=q, answer=vote.answer, vote_share=vote.share, memory_id=memory_id,
                        retrieved=plan.retrieved, used_memory=plan.use, samples=[s.text for s in row],
-                       answers=row_answers, memory_samples=self.n - self.control, resampled=row_resampled)
+                       answers=row_answers, memory_samples=self.config.n - self.config.control, resampled=row_resampled)
                 for q, vote, memory_id, plan, row, row_answers, row_resampled
                 in zip(questions, votes, memory_ids, plans, samples, answers, resampled)]
 
@@ -269,44 +294,45 @@ class OnlineLearner:
             return dict(vectors=None, samples=[], answers=[], votes=[], rewards=[], resampled=[], signal=[])
         own_replayed = [item for item, owner in zip(replayed, owners) if owner == self.rank]
         # a fresh memory: drawn from its problem's own stream (the replayed slots are overwritten below)
-        generators = [torch.Generator().manual_seed(stream_seed(self.seed, first + i, FRESH_MEMORY)) for i in mine]
-        bank = KINDS[self.kind](self.model, slots=len(mine) + len(own_replayed), length=self.length,
-                                generator=generators + [torch.Generator() for _ in own_replayed],
-                                **self.memory_options)
-        for slot, i in enumerate(mine):
-            if plans[i].start is not None:
-                _write_vector(bank, slot, plans[i].start)
-        for offset, (cluster, _, _) in enumerate(own_replayed):
-            _write_vector(bank, len(mine) + offset, self.store.get(cluster)[0])
+        generators = [torch.Generator().manual_seed(stream_seed(self.config.seed, first + i, FRESH_MEMORY))
+                      for i in mine]
+        bank = KINDS[self.config.kind](self.model, slots=len(mine) + len(own_replayed), length=self.config.length,
+                                       generator=generators + [torch.Generator() for _ in own_replayed],
+                                       **self.memory_options)
+        starts = {slot: plans[i].start for slot, i in enumerate(mine) if plans[i].start is not None}
+        starts.update({len(mine) + offset: self.store.get(cluster)[0]
+                       for offset, (cluster, _, _) in enumerate(own_replayed)})
+        for slot, start in starts.items():      # stored memories: flat vectors, as `MemoryBank.read_vectors` made them
+            bank.write_vectors(torch.tensor([slot], device=bank.lengths.device), start[None])
         own_prompts = [prompts[i] for i in mine]
 
         def seeds(stream: int) -> list[int]:
-            return [stream_seed(self.seed, first + i, stream) for i in mine]
+            return [stream_seed(self.config.seed, first + i, stream) for i in mine]
 
         uses = torch.tensor([slot if plans[i].use else -1 for slot, i in enumerate(mine)])
-        treated = self._sample(own_prompts, bank, uses, self.n - self.control, seeds(TREATED_SAMPLES))
-        control = (self._sample(own_prompts, None, None, self.control, seeds(CONTROL_SAMPLES)) if self.control
+        treated = self._sample(own_prompts, bank, uses, self.config.n - self.config.control, seeds(TREATED_SAMPLES))
+        control = (self._sample(own_prompts, None, None, self.config.control, seeds(CONTROL_SAMPLES)) if self.config.control
                    else [[] for _ in own_prompts])
         samples = [t + c for t, c in zip(treated, control)]
         answers = [[self.extract_answer(s.text) for s in row] for row in samples]
         votes = [majority_vote(row, self.equivalent) for row in answers]
 
-        trainer = MemoryTrainer(self.model, bank, lr=self.lr, objective=self.objective)
+        trainer = MemoryTrainer(self.model, bank, lr=self.config.lr, objective=self.config.objective)
         traces = [[list(s.token_ids) for s in row] for row in samples]
-        rewards = [[float(agrees) if vote.share >= self.min_share else 0.0 for agrees in vote.agrees]
+        rewards = [[float(agrees) if vote.share >= self.config.min_share else 0.0 for agrees in vote.agrees]
                    for vote in votes]
         all_prompts = own_prompts + [prompt for _, prompt, _ in own_replayed]
         all_traces = traces + [kept for _, _, kept in own_replayed]
         all_rewards = rewards + [[1.0] * len(kept) for _, _, kept in own_replayed]
-        signal = [trains_on(row, self.objective) for row in all_rewards]
-        for _ in range(self.steps if any(signal) else 0):
+        signal = [trains_on(row, self.config.objective) for row in all_rewards]
+        for _ in range(self.config.steps if any(signal) else 0):
             trainer.step(all_prompts, all_traces, all_rewards, list(range(len(all_prompts))))
         resampled = [[] for _ in mine]
-        if self.resample:
-            fresh = self._sample(own_prompts, bank, torch.arange(len(mine)), self.n, seeds(RESAMPLED))
+        if self.config.resample:
+            fresh = self._sample(own_prompts, bank, torch.arange(len(mine)), self.config.n, seeds(RESAMPLED))
             resampled = [[self.extract_answer(s.text) for s in row] for row in fresh]
             votes = [majority_vote(row, self.equivalent) for row in resampled]
-        return dict(vectors=_read_vectors(bank), samples=samples, answers=answers, votes=votes, rewards=rewards,
+        return dict(vectors=bank.read_vectors(), samples=samples, answers=answers, votes=votes, rewards=rewards,
                     resampled=resampled, signal=signal)
 
     def _sample(self, prompts, bank, index, n, seeds):
@@ -318,20 +344,20 @@ class OnlineLearner:
         """`fastmem.sample` with this learner's sampling settings (``temperature`` overrides its own; greedy
         at 0); ``seed``: as `fastmem.sample`'s (one per prompt: draws independent of the batch); ``memory``:
         ``bank`` and ``index``, or nothing."""
-        return sample(self.model, prompts, n=n, max_new_tokens=self.max_new_tokens,
-                      temperature=self.temperature if temperature is None else temperature, top_p=self.top_p,
-                      top_k=self.sample_top_k, min_p=self.min_p, stop=self.stop or None, seed=seed,
+        return sample(self.model, prompts, n=n, max_new_tokens=self.config.max_new_tokens,
+                      temperature=self.config.temperature if temperature is None else temperature, top_p=self.config.top_p,
+                      top_k=self.config.sample_top_k, min_p=self.config.min_p, stop=self.config.stop or None, seed=seed,
                       tokenizer=self.tokenizer, eos_token_id=self.tokenizer.eos_token_id, **memory)
 
     def _plan(self, scores: list[float], ids: list[int]) -> "_Plan":
         """Where one question's memory starts, and whether its samples use it."""
         found = [(s, i) for s, i in zip(scores, ids) if i >= 0]
-        if self.memory == "cluster":
-            if found and found[0][0] >= self.cluster_similarity:
+        if self.config.memory == "cluster":
+            if found and found[0][0] >= self.config.cluster_similarity:
                 cluster = found[0][1]
                 return _Plan(self.store.get(cluster)[0], [cluster], self._gate_open(cluster), cluster)
             return _Plan(None, [], False, None)
-        similar = [(s, i) for s, i in found if s >= self.min_similarity]
+        similar = [(s, i) for s, i in found if s >= self.config.min_similarity]
         if not similar:
             return _Plan(None, [], False, None)
         memories = torch.stack([self.store.get(i)[0].float() for _, i in similar])
@@ -341,73 +367,78 @@ class OnlineLearner:
 
     def _replayed(self, plans: list["_Plan"]) -> list[tuple[int, list[int], list[list[int]]]]:
         """The remembered problems of every cluster this batch retrieved: ``(cluster, prompt, traces)``."""
-        if self.memory != "cluster" or not self.replay:
+        if self.config.memory != "cluster" or not self.config.replay:
             return []
         clusters = dict.fromkeys(plan.cluster for plan in plans if plan.cluster is not None)
         return [(cluster, item["prompt"], item["traces"]) for cluster in clusters
-                for item in self.store.get(cluster)[1].get("replay", [])]
+                for item in self.store.meta(cluster).replay]
 
     def _gate_open(self, entry_id: int) -> bool:
-        if not self.gate:
+        if not self.config.gate:
             return True
-        meta = self.store.get(entry_id)[1]
-        trials = meta.get("gate_trials", 0)
-        return trials < self.gate_trials or meta.get("gate_gain", 0.0) >= 0
+        meta = self.store.meta(entry_id)
+        return meta.gate_trials < self.config.gate_trials or meta.gate_gain >= 0
 
     def _store(self, batch: "_Batch", vectors: Tensor, plans) -> list[int]:
-        """Add or update the batch's store entries in stream order; ``vectors [S, F]``: every slot's trained
-        memory (questions, then replayed problems). Returns each question's entry id."""
+        """Write the batch into the store; ``vectors [S, F]``: every slot's trained memory (questions, then
+        replayed problems). Returns each question's entry id.
+
+        In this order: the batch's retrievals are counted (they came first); the clusters it retrieved are
+        updated; then the new entries are added in stream order, a new cluster updated with the later questions
+        of the batch that join it before the next add. So an add that finds the store full can evict only an
+        entry the batch has finished writing, never one it still has to update (a returned id may name an
+        entry evicted since)."""
         questions, keys, votes = batch.questions, batch.keys, batch.votes
-        gains = [_agreement_gain(vote, self.n - self.control) if plan.use else None
+        gains = [_agreement_gain(vote, self.config.n - self.config.control) if plan.use else None
                  for plan, vote in zip(plans, votes)]
-        ids: list[int] = []
-        for slot, (question, plan, vote) in enumerate(zip(questions, plans, votes)):
-            meta = dict(question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done)
-            if plan.cluster is None:
-                if self.memory == "cluster":
-                    meta["replay"] = self._remembered([], batch, [slot])
-                ids.append(self.store.add(keys[slot], vectors[slot], **meta, members=1))
-                if self.memory == "cluster":   # later questions of this batch may join the new cluster
-                    for later in range(slot + 1, len(plans)):
-                        if plans[later].cluster is None and torch.cosine_similarity(
-                                keys[slot], keys[later], dim=0) >= self.cluster_similarity:
-                            plans[later] = _Plan(None, [], False, ids[-1])
-                continue
-            ids.append(plan.cluster)
-        for cluster in dict.fromkeys(i for i, plan in zip(ids, plans) if plan.cluster is not None):
-            slots = [s for s, i in enumerate(ids) if i == cluster and plans[s].cluster is not None]
+        self.store.record_hits({i for plan in plans if plan.use for i in plan.retrieved})
+        ids: list[int | None] = [plan.cluster for plan in plans]
+        for cluster in dict.fromkeys(i for i in ids if i is not None):
+            slots = [s for s, i in enumerate(ids) if i == cluster]
             extra = [len(questions) + r for r, (c, _, _) in enumerate(batch.replayed) if c == cluster]
             self._update_cluster(cluster, slots, extra, batch, vectors, gains)
+        clusters = self.config.memory == "cluster"
+        for slot, (question, vote) in enumerate(zip(questions, votes)):
+            if ids[slot] is not None:
+                continue
+            ids[slot] = self.store.add(keys[slot], vectors[slot], EntryMeta(
+                question=question, answer=vote.answer, vote_share=vote.share, step=self.batches_done, members=1,
+                replay=self._remembered([], batch, [slot]) if clusters else []))
+            joining = [later for later in range(slot + 1, len(plans)) if clusters and ids[later] is None
+                       and torch.cosine_similarity(keys[slot], keys[later], dim=0) >= self.config.cluster_similarity]
+            for later in joining:
+                ids[later] = ids[slot]
+            if joining:
+                self._update_cluster(ids[slot], joining, [], batch, vectors, gains)
         return ids
 
     def _update_cluster(self, cluster, slots, extra, batch: "_Batch", vectors, gains) -> None:
         """Fold this batch's trained memories of ``cluster`` (its questions' slots, and ``extra``: its
         replayed problems' slots) into it, averaging the slots that trained; update key and statistics."""
         keys, votes = batch.keys, batch.votes
-        _, meta = self.store.get(cluster)
-        members = meta.get("members", 1)
+        meta = self.store.meta(cluster)
+        members = meta.members or 1
         key = (self.store.key(cluster) * members + keys[slots].sum(0)) / (members + len(slots))
         measured = [gains[s] for s in slots if gains[s] is not None]
-        trials = meta.get("gate_trials", 0) + len(measured)
-        gain = (meta.get("gate_gain", 0.0) * meta.get("gate_trials", 0) + sum(measured)) / max(trials, 1)
+        trials = meta.gate_trials + len(measured)
+        gain = (meta.gate_gain * meta.gate_trials + sum(measured)) / max(trials, 1)
         shares = [votes[s].share for s in slots]
         trained = [s for s in slots + extra if batch.signal[s]]
-        update = {} if not trained else {"memory": vectors[trained].mean(0)}
-        self.store.update(cluster, key=key, members=members + len(slots), **update,
-                          vote_share=(meta["vote_share"] * members + sum(shares)) / (members + len(slots)),
-                          step=self.batches_done, gate_trials=trials, gate_gain=gain,
-                          last_question=batch.questions[slots[-1]],
-                          replay=self._remembered(meta.get("replay", []), batch, slots))
+        self.store.update(cluster, memory=vectors[trained].mean(0) if trained else None, key=key, meta=replace(
+            meta, members=members + len(slots),
+            vote_share=(meta.vote_share * members + sum(shares)) / (members + len(slots)),
+            step=self.batches_done, gate_trials=trials, gate_gain=gain, last_question=batch.questions[slots[-1]],
+            replay=self._remembered(meta.replay, batch, slots)))
 
     def _remembered(self, buffer: list[dict], batch: "_Batch", slots: list[int]) -> list[dict]:
         """A cluster's replay buffer after this batch: its newest ``replay`` problems with majority traces."""
-        if not self.replay:
+        if not self.config.replay:
             return []
         for s in slots:
             kept = [trace for trace, reward in zip(batch.traces[s], batch.rewards[s]) if reward == 1]
             if kept:
                 buffer = buffer + [{"prompt": list(batch.prompts[s]), "traces": kept}]
-        return buffer[-self.replay:]
+        return buffer[-self.config.replay:]
 
 
 @dataclass
@@ -437,25 +468,3 @@ def _agreement_gain(vote, memory_samples: int) -> float | None:
     if not treated or not control:
         return None
     return sum(treated) / len(treated) - sum(control) / len(control)
-
-
-def _read_vectors(bank: MemoryBank) -> Tensor:
-    """Every slot of the bank as one flat fp32 vector: ``[S, F]``."""
-    rows = bank.slot_rows(torch.arange(bank.num_slots, device=bank.lengths.device))
-    return torch.cat([row.movedim(bank.SLOT_DIM, 0).flatten(1).float() for row in rows.values()], dim=1)
-
-
-def _write_vector(bank: MemoryBank, slot: int, vector: Tensor) -> None:
-    """Overwrite ``slot`` of the bank with a flat vector laid out as `_read_vectors` makes it."""
-    slots = torch.tensor([slot], device=bank.lengths.device)
-    rows, offset = {}, 0
-    for name, row in bank.slot_rows(slots).items():
-        per_slot = row.movedim(bank.SLOT_DIM, 0)
-        size = per_slot[0].numel()
-        part = vector[offset:offset + size].to(device=per_slot.device, dtype=per_slot.dtype)  # store may live elsewhere
-        rows[name] = part.reshape(per_slot.shape).movedim(0, bank.SLOT_DIM)
-        offset += size
-    if offset != vector.numel():
-        raise ValueError(f"a stored memory of {vector.numel()} values does not fit this bank's slots of {offset}")
-    bank.write_slot_rows(slots, rows)
-

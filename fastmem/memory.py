@@ -46,7 +46,7 @@ class MemoryBank(nn.Module):
 
     kind: ClassVar[str]
     peft_type: ClassVar[str]
-    SLOT_DIM: ClassVar[int]          # the slot dimension of every parameter; positions follow it
+    _SLOT_DIM: ClassVar[int]         # the slot dimension of every parameter; positions follow it (kept inside)
     INITS: ClassVar[tuple[str, ...]]  # the initializations the kind's constructor accepts
     KINDS: ClassVar[dict[str, type["MemoryBank"]]] = {}
 
@@ -130,7 +130,7 @@ class MemoryBank(nn.Module):
     @property
     def length(self) -> int:
         """P, the most positions a slot can hold."""
-        return next(self.parameters()).shape[self.SLOT_DIM + 1]
+        return next(self.parameters()).shape[self._SLOT_DIM + 1]
 
     def version(self) -> tuple[int, ...]:
         """Changes whenever a parameter or the lengths change (in place or replaced)."""
@@ -152,15 +152,15 @@ class MemoryBank(nn.Module):
         if bad_lengths:
             raise ValueError(f"memory slots {bad_lengths} have lengths {self.lengths[bad_lengths].tolist()}, outside "
                              f"[0, {self.length}] (the bank's positions per slot)")
-        nonfinite = [(~torch.isfinite(p)).movedim(self.SLOT_DIM, 0).flatten(1).any(dim=1) for p in self.parameters()]
+        nonfinite = [self.per_slot(~torch.isfinite(p)).any(dim=1) for p in self.parameters()]
         bad_slots = torch.stack(nonfinite).any(dim=0).nonzero().flatten().tolist()
         if bad_slots:
             raise ValueError(f"memory slots {bad_slots} hold non-finite values (NaN or inf)")
         self._checked_version = self.version()
 
     def slot_rows(self, slots: Tensor) -> dict[str, Tensor]:
-        """Name -> a detached copy of slots ``slots [K]`` of each parameter (K along `SLOT_DIM`)."""
-        return {name: p.detach().index_select(self.SLOT_DIM, slots) for name, p in self.named_parameters()}
+        """Name -> a detached copy of slots ``slots [K]`` of each parameter (`take_slots`)."""
+        return {name: self.take_slots(p.detach(), slots) for name, p in self.named_parameters()}
 
     def write_slot_rows(self, slots: Tensor, rows: dict[str, Tensor]) -> None:
         """Overwrite slots ``slots [K]`` (distinct) of the named parameters with finite ``rows``, laid out as
@@ -171,9 +171,56 @@ class MemoryBank(nn.Module):
         with torch.no_grad():
             for name, row in rows.items():
                 parameter = getattr(self, name)
-                parameter.index_copy_(self.SLOT_DIM, slots, row.to(parameter.dtype))
+                self.put_slots(parameter, slots, row.to(parameter.dtype))
         if was_checked:                      # finite values written into a checked bank: still finite
             self._checked_version = self.version()
+
+    # -- the slot layout: where a slot lies in a parameter is the bank's business -------------------------
+    # A tensor "laid out like a parameter" has a parameter's shape with any number K of slots: a parameter,
+    # `slot_rows`, a `fastmem.MemoryTrainer` gradient or optimizer state.
+
+    @classmethod
+    def take_slots(cls, tensor: Tensor, slots: Tensor) -> Tensor:
+        """A copy of slots ``slots [K]`` (int64, on ``tensor``'s device) of ``tensor``, laid out like a parameter."""
+        return tensor.index_select(cls._SLOT_DIM, slots)
+
+    @classmethod
+    def put_slots(cls, tensor: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
+        """Copies ``rows`` (K slots, laid out like ``tensor``) into slots ``slots [K]`` (distinct) of ``tensor``, in
+        place; returns ``tensor``."""
+        return tensor.index_copy_(cls._SLOT_DIM, slots, rows)
+
+    @classmethod
+    def per_slot(cls, tensor: Tensor) -> Tensor:
+        """``tensor`` (laid out like a parameter, K slots) as ``[K, n]``: one flat row per slot."""
+        return tensor.movedim(cls._SLOT_DIM, 0).flatten(1)
+
+    @classmethod
+    def along_slots(cls, values: Tensor, like: Tensor) -> Tensor:
+        """``values [K]`` viewed to broadcast along the slot dimension of ``like`` (laid out like a parameter)."""
+        return values.view([-1 if dim == cls._SLOT_DIM else 1 for dim in range(like.dim())])
+
+    def read_vectors(self, slots: Tensor | None = None) -> Tensor:
+        """Slots ``slots [K]`` (None: every slot) as flat fp32 vectors ``[K, F]``: every parameter's part of a slot,
+        flattened, in parameter order (F values per slot; what `write_vectors` takes back, e.g. from a store)."""
+        if slots is None:
+            slots = torch.arange(self.num_slots, device=self.lengths.device)
+        return torch.cat([self.per_slot(row).float() for row in self.slot_rows(slots).values()], dim=1)
+
+    def write_vectors(self, slots: Tensor, vectors: Tensor) -> None:
+        """Overwrite slots ``slots [K]`` (distinct) with flat vectors ``[K, F]`` laid out as `read_vectors` makes
+        them (any device and float dtype; cast to the bank's). ValueError, writing nothing, when the shape is not
+        ``[K, F]`` with F the bank's values per slot, or a value is not finite."""
+        sizes = [p.numel() // p.shape[self._SLOT_DIM] for p in self.parameters()]
+        if vectors.dim() != 2 or tuple(vectors.shape) != (len(slots), sum(sizes)):
+            raise ValueError(f"expected vectors [{len(slots)}, {sum(sizes)}] ({sum(sizes)} values per slot of this "
+                             f"bank); got {list(vectors.shape)}")
+        rows = {}
+        for (name, parameter), part in zip(self.named_parameters(), vectors.split(sizes, dim=1)):
+            slot_shape = [size for dim, size in enumerate(parameter.shape) if dim != self._SLOT_DIM]
+            part = part.to(device=parameter.device, dtype=parameter.dtype)   # a store may live elsewhere
+            rows[name] = part.reshape(len(slots), *slot_shape).movedim(0, self._SLOT_DIM)
+        self.write_slot_rows(slots, rows)
 
     def optimizer_state(self) -> dict[str, Tensor]:
         """Per-slot optimizer state kept with the bank (name -> tensor), as `fastmem.MemoryTrainer` creates it.
@@ -190,7 +237,7 @@ class MemoryBank(nn.Module):
 
     def slot_selector(self, slot: int, positions: int | None = None) -> tuple:
         """Index selecting ``slot`` (its first ``positions`` positions) of every parameter: ``bank.keys[sel]``."""
-        return (slice(None),) * self.SLOT_DIM + (slot, slice(positions))
+        return (slice(None),) * self._SLOT_DIM + (slot, slice(positions))
 
     def load_peft(self, peft_model_or_dir, slot: int, adapter_name: str | None = None) -> "MemoryBank":
         """Copy a PEFT adapter (a `PeftModel` or a saved adapter directory) into ``slot``; returns self.
@@ -276,7 +323,7 @@ class SoftPromptBank(MemoryBank):
 
     kind = "soft_prompt"
     peft_type = "PROMPT_TUNING"
-    SLOT_DIM = 0
+    _SLOT_DIM = 0
 
     @classmethod
     def tensor_shapes(cls, shape, slots, length):
@@ -306,7 +353,7 @@ class PrefixBank(MemoryBank):
 
     kind = "prefix"
     peft_type = "PREFIX_TUNING"
-    SLOT_DIM = 1
+    _SLOT_DIM = 1
 
     @classmethod
     def tensor_shapes(cls, shape, slots, length):

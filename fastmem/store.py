@@ -2,8 +2,8 @@
 
 An entry is a key (a question embedding ``[d]`` fp32), a memory tensor (one soft prompt ``[P, hidden]`` or one
 prefix ``[layers, 2, P, Hkv, D]``, or any flattening of them; every entry of a store has the same shape and
-dtype) and JSON metadata (question, majority answer, vote share, step, hits, ...). Ids count up from 0 and
-are never reused.
+dtype) and its metadata, an `EntryMeta` (hits, vote share, question, majority answer, step, ...). Ids count up
+from 0 and are never reused.
 
 What lives where. In RAM: the unit-normalized keys ``[N, d]`` fp32 (the exact search index), each row's id,
 hits and vote share, an eviction heap, and (``index="ivf"``) a FAISS IVF index. On disk (or in an in-memory
@@ -60,6 +60,7 @@ import sqlite3
 import warnings
 import zlib
 from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -85,6 +86,69 @@ CREATE TABLE entries(id INTEGER PRIMARY KEY, key BLOB NOT NULL, key_crc INTEGER 
                      vote_share REAL NOT NULL, settled INTEGER NOT NULL, meta TEXT NOT NULL);
 CREATE TABLE memories(id INTEGER PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
 """
+
+
+@dataclass
+class EntryMeta:
+    """One store entry's metadata: what `MemoryStore.get` / `MemoryStore.meta` return and `add` / `update` take.
+
+    Kept by the store itself: ``id`` (assigned by `add`, ignored when given), ``hits`` (retrievals, counted by
+    `MemoryStore.record_hits`; an int >= 0) and ``vote_share`` (a finite number, the majority's share of the
+    samples in [0, 1] for the learner): eviction goes by fewest hits, then lowest share. ``merged``: what
+    `MemoryStore.consolidate` folded into this entry, ``{"id", "question"}`` per absorbed entry; ``members``:
+    how many questions a cluster holds (None: not a cluster; consolidation adds them up when every merged
+    entry has them). Written by `fastmem.OnlineLearner`: ``question`` (the entry's first question),
+    ``answer`` (its majority answer, None when no sample had one), ``step`` (the learner's batch count when
+    last written), ``last_question``, ``gate_trials`` / ``gate_gain`` (batches that measured the gate, and the
+    mean agreement gain of memory samples over control samples, in [-1, 1]), ``replay`` (a cluster's remembered
+    problems, ``{"prompt": [token ids], "traces": [[token ids], ...]}`` each). ``extra``: any other JSON
+    values a caller keeps with the entry (names must differ from the fields').
+
+    On disk, ``hits`` and ``vote_share`` are columns and the rest one JSON object whose keys are the field names
+    with ``extra`` spread among them, each field written only when it differs from its default: a store
+    written before this class (any dict of metadata) reads back with its unknown keys in ``extra``.
+    """
+    id: int = -1
+    hits: int = 0
+    vote_share: float = 0.0
+    question: str | None = None
+    answer: str | None = None
+    step: int = 0
+    members: int | None = None
+    last_question: str | None = None
+    gate_trials: int = 0
+    gate_gain: float = 0.0
+    replay: list[dict] = field(default_factory=list)
+    merged: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def _row(self) -> tuple[int, float, str]:
+        """``(hits, vote_share, the rest as JSON)``; ValueError / TypeError for what the ranking or JSON cannot
+        hold."""
+        if isinstance(self.hits, bool) or not isinstance(self.hits, int) or self.hits < 0:
+            raise ValueError(f"hits must be a non-negative integer, got {self.hits!r}")
+        share = self.vote_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share):
+            raise ValueError(f"vote_share must be a finite number, got {share!r}")
+        named = {item.name for item in fields(self)}
+        clashing = sorted(named & set(self.extra))
+        if clashing:
+            raise ValueError(f"extra metadata may not reuse the field names {clashing}")
+        stored = {item.name: getattr(self, item.name) for item in fields(self)
+                  if item.name not in _COLUMNS and getattr(self, item.name) != _DEFAULTS[item.name]}
+        return self.hits, float(share), json.dumps({**stored, **self.extra})
+
+    @classmethod
+    def _from_row(cls, entry_id: int, hits: int, share: float, text: str) -> "EntryMeta":
+        """The metadata of a stored row (`_row`'s inverse); keys that name no field go to ``extra``."""
+        stored = json.loads(text)
+        named = {name: stored.pop(name) for name in list(stored) if name in _DEFAULTS and name not in _COLUMNS}
+        return cls(id=entry_id, hits=hits, vote_share=share, **named, extra=stored)
+
+
+_COLUMNS = ("id", "hits", "vote_share", "extra")   # kept outside the JSON object (extra: spread into it)
+_DEFAULTS = {item.name: item.default if item.default is not MISSING else item.default_factory()
+             for item in fields(EntryMeta)}
 
 
 class StoreLockedError(RuntimeError):
@@ -263,10 +327,10 @@ class MemoryStore:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def get(self, entry_id: int) -> tuple[Tensor, dict]:
-        """The memory (``memory_shape``, ``memory_dtype``, CPU) and metadata (with ``id``, ``hits``,
-        ``vote_share``) of entry ``entry_id``: read from the database. KeyError for an unknown id,
-        ValueError when the stored memory is damaged."""
+    def get(self, entry_id: int) -> tuple[Tensor, EntryMeta]:
+        """The memory (``memory_shape``, ``memory_dtype``, CPU) and metadata of entry ``entry_id``, read from the
+        database: new objects, so changing them changes nothing stored (write back with `update`). KeyError
+        for an unknown id, ValueError when the stored memory is damaged."""
         entry_id = self._check_id(entry_id)
         with self._reading():
             row = self._db.execute("SELECT e.hits, e.vote_share, e.meta, m.data, m.crc FROM entries e "
@@ -277,7 +341,15 @@ class MemoryStore:
         if zlib.crc32(data) != crc:
             raise ValueError(f"{self._file()}: the memory of entry {entry_id} fails its checksum: damaged")
         memory = torch.frombuffer(bytearray(data), dtype=self.memory_dtype).view(self.memory_shape)
-        return memory, {**json.loads(meta), "hits": hits, "vote_share": share, "id": entry_id}
+        return memory, EntryMeta._from_row(entry_id, hits, share, meta)
+
+    def meta(self, entry_id: int) -> EntryMeta:
+        """The metadata of entry ``entry_id`` alone (`get` without reading the memory); KeyError for an unknown id."""
+        entry_id = self._check_id(entry_id)
+        with self._reading():
+            hits, share, meta = self._db.execute("SELECT hits, vote_share, meta FROM entries WHERE id = ?",
+                                                 (entry_id,)).fetchone()
+        return EntryMeta._from_row(entry_id, hits, share, meta)
 
     def key(self, entry_id: int) -> Tensor:
         """The key ``[d]`` fp32 of entry ``entry_id`` as stored (not normalized)."""
@@ -325,13 +397,14 @@ class MemoryStore:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def add(self, key: Tensor, memory: Tensor, **metadata) -> int:
-        """Store ``memory`` under ``key`` ``[d]``; evicts one entry first when full. Returns the new id.
-        Errors (ValueError / TypeError, the store unchanged): a key of the wrong size, zero or non-finite;
-        a memory of another shape, empty or non-finite; metadata JSON cannot hold."""
+    def add(self, key: Tensor, memory: Tensor, meta: EntryMeta | None = None) -> int:
+        """Store ``memory`` under ``key`` ``[d]`` with ``meta`` (None: an empty `EntryMeta`; its ``id`` is
+        ignored); evicts one entry first when full. Returns the new id. Errors (ValueError / TypeError, the
+        store unchanged): a key of the wrong size, zero or non-finite; a memory of another shape, empty or
+        non-finite; metadata JSON or the ranking cannot hold."""
         key = _as_key(key, self._state["key_dim"])
         data = self._memory_bytes(memory)
-        hits, share, meta = _split_metadata(metadata, {"hits": 0, "vote_share": 0.0})
+        hits, share, meta = _checked_meta(meta or EntryMeta())
         key_bytes = key.numpy().tobytes()
         entry_id = self._state["next_id"]
         with self._writing():
@@ -356,18 +429,14 @@ class MemoryStore:
         return entry_id
 
     def update(self, entry_id: int, memory: Tensor | None = None, key: Tensor | None = None,
-               **metadata) -> None:
-        """Replace an entry's memory and/or key, and merge new metadata into it (all checked first; errors
-        as `add`'s, KeyError for an unknown id). ``id`` in the metadata is ignored."""
+               meta: EntryMeta | None = None) -> None:
+        """Replace an entry's memory, key and/or metadata (None: kept). ``meta`` replaces the stored metadata
+        whole, hits included (read it with `meta`, change it with `dataclasses.replace`); its ``id`` is
+        ignored. All checked first: errors as `add`'s, KeyError for an unknown id, the store unchanged."""
         entry_id = self._check_id(entry_id)
         key = None if key is None else _as_key(key, self._state["key_dim"])
         data = None if memory is None else self._memory_bytes(memory)
-        metadata.pop("id", None)
-        with self._reading():
-            hits, share, old_meta = self._db.execute("SELECT hits, vote_share, meta FROM entries WHERE id = ?",
-                                                     (entry_id,)).fetchone()
-        hits, share, meta = _split_metadata({**json.loads(old_meta), **metadata},
-                                            {"hits": hits, "vote_share": share})
+        hits, share, meta = _checked_meta(meta if meta is not None else self.meta(entry_id))
         with self._writing():
             self._db.execute("UPDATE entries SET hits = ?, vote_share = ?, meta = ? WHERE id = ?",
                              (hits, share, meta, entry_id))
@@ -444,19 +513,18 @@ class MemoryStore:
         """Fold ``group[1:]`` into ``group[0]`` in the database; returns the survivor's (key, hits, share)."""
         entries = [self.get(i) for i in group]
         keys = torch.stack([self.key(i) for i in group])
-        shares = torch.tensor([meta["vote_share"] for _, meta in entries], dtype=torch.float32)
+        shares = torch.tensor([meta.vote_share for _, meta in entries], dtype=torch.float32)
         weights = shares / shares.sum() if shares.sum() > 0 else torch.full_like(shares, 1 / len(group))
         memories = torch.stack([memory for memory, _ in entries])
         memory = (memories.float() * weights.view(-1, *[1] * (memories.dim() - 1))).sum(0).to(memories.dtype)
         key = (keys * weights[:, None]).sum(0)
-        survivor = {name: value for name, value in entries[0][1].items() if name != "id"}
-        survivor["hits"] = sum(meta["hits"] for _, meta in entries)
-        if all("members" in meta for _, meta in entries):   # clusters: their sizes add up too
-            survivor["members"] = sum(meta["members"] for _, meta in entries)
-        survivor["vote_share"] = float((shares * weights).sum()) if shares.sum() > 0 else 0.0
-        survivor["merged"] = survivor.get("merged", []) + [{"id": meta["id"], "question": meta.get("question")}
-                                                             for _, meta in entries[1:]]
-        hits, share, meta = _split_metadata(survivor, {})
+        metas = [meta for _, meta in entries]
+        members = [meta.members for meta in metas]
+        survivor = replace(metas[0], hits=sum(meta.hits for meta in metas),
+                           members=None if None in members else sum(members),   # clusters: their sizes add up
+                           vote_share=float((shares * weights).sum()) if shares.sum() > 0 else 0.0,
+                           merged=metas[0].merged + [{"id": meta.id, "question": meta.question} for meta in metas[1:]])
+        hits, share, meta = _checked_meta(survivor)
         data = memory.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         key_bytes = key.numpy().tobytes()
         self._db.execute("UPDATE entries SET key = ?, key_crc = ?, hits = ?, vote_share = ?, meta = ?, settled = 0 "
@@ -648,16 +716,11 @@ class _Ivf:
         return scores.masked_fill(ids < 0, float("-inf")), ids
 
 
-def _split_metadata(metadata: dict, defaults: dict) -> tuple[int, float, str]:
-    """``(hits, vote_share, the rest as JSON)``; TypeError / ValueError for what JSON or the ranking cannot hold."""
-    merged = {**defaults, **metadata}
-    hits, share = merged.pop("hits"), merged.pop("vote_share")
-    merged.pop("id", None)
-    if isinstance(hits, bool) or not isinstance(hits, int) or hits < 0:
-        raise ValueError(f"hits must be a non-negative integer, got {hits!r}")
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share):
-        raise ValueError(f"vote_share must be a finite number, got {share!r}")
-    return hits, float(share), json.dumps(merged)
+def _checked_meta(meta: EntryMeta) -> tuple[int, float, str]:
+    """`EntryMeta._row` of ``meta``; TypeError for anything but an `EntryMeta`."""
+    if not isinstance(meta, EntryMeta):
+        raise TypeError(f"metadata must be an EntryMeta; got {type(meta).__name__}")
+    return meta._row()
 
 
 def _as_key(key: Tensor, dim: int | None) -> Tensor:
@@ -811,7 +874,9 @@ def _convert_version_1(path: Path) -> int:
             raise ValueError(f"{tensor_path} does not hold one key and memory per entry of {manifest_path}")
         state.update(key_dim=keys.shape[1], memory_shape=list(stored.shape[1:]), memory_dtype=_dtype_name(stored.dtype))
         for entry, key, memory in zip(entries, keys.float(), stored):
-            hits, share, meta = _split_metadata(entry, {"hits": 0, "vote_share": 0.0})
+            rest = {name: value for name, value in entry.items() if name not in ("id", "hits", "vote_share")}
+            hits, share, meta = _checked_meta(EntryMeta._from_row(entry["id"], entry.get("hits", 0),
+                                                                  entry.get("vote_share", 0.0), json.dumps(rest)))
             key_bytes = key.contiguous().numpy().tobytes()
             data = memory.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             rows.append((entry["id"], key_bytes, zlib.crc32(key_bytes), hits, share, meta))

@@ -48,7 +48,7 @@ class SlotGradients:
     """Losses and memory gradients of one batch, per problem i (slot ``slots[i]``).
 
     losses: fp32 ``[B]``. grads: parameter name -> gradient laid out like the bank's parameter with the B
-    problems along its slot dimension (`MemoryBank.SLOT_DIM`). has_signal: bool ``[B]``; problems without
+    problems in place of its slots (`MemoryBank.take_slots` picks problems' rows). has_signal: bool ``[B]``; problems without
     signal have loss 0 and zero gradients. tokens: trace tokens run.
     """
     slots: Tensor
@@ -113,11 +113,6 @@ def trains_on(rewards: list[float], objective: str) -> bool:
     """Whether a problem with these trace rewards gets a gradient (some trace weight is nonzero: sft, a
     reward-1 trace; reinforce, rewards that differ)."""
     return any(_trace_weights(rewards, [1] * len(rewards), objective))
-
-
-def _per_slot(tensor: Tensor, dim: int) -> Tensor:
-    """``tensor`` with ``dim`` moved first and the rest flattened: ``[slots, -1]``."""
-    return tensor.movedim(dim, 0).flatten(1)
 
 
 class MemoryTrainer:
@@ -235,7 +230,7 @@ class MemoryTrainer:
                     [problems[i] for i in group], slot_ids[active])
             losses[active] = group_losses
             for name, grad in group_grads.items():
-                grads[name].index_copy_(self.bank.SLOT_DIM, active, grad)
+                self.bank.put_slots(grads[name], active, grad)
             tokens += group_tokens
         return SlotGradients(slot_ids, losses, grads, has_signal, tokens)
 
@@ -271,8 +266,8 @@ class MemoryTrainer:
         finite; every other slot (and its Adam state) keeps its bits.
         """
         result = self.gradients(prompts, traces, rewards, slots)
-        dim = self.bank.SLOT_DIM
-        per_slot = [_per_slot(grad, dim) for grad in result.grads.values()]
+        bank = self.bank
+        per_slot = [bank.per_slot(grad) for grad in result.grads.values()]
         finite = torch.isfinite(result.losses) & torch.stack([torch.isfinite(g).all(dim=1) for g in per_slot]).all(0)
         grad_norms = torch.stack([g.double().square().sum(dim=1) for g in per_slot]).sum(0).sqrt()
         # every figure the step reports, in one copy to the host (fp32 losses and int slot ids are exact in fp64)
@@ -283,7 +278,7 @@ class MemoryTrainer:
         update_list = [i for i, (ok, has) in enumerate(zip(finite_list, signal)) if ok and has]
         if update_list:
             update = torch.tensor(update_list, dtype=torch.long, device=result.slots.device)
-            self._adam(result.slots[update], {name: grad.index_select(dim, update)
+            self._adam(result.slots[update], {name: bank.take_slots(grad, update)
                                               for name, grad in result.grads.items()})
         return StepStats(
             losses=losses, grad_norms=norms, updated_slots=[slot_list[i] for i in update_list],
@@ -293,22 +288,21 @@ class MemoryTrainer:
 
     def _adam(self, slots: Tensor, grads: dict[str, Tensor]) -> None:
         """`torch.optim.Adam`'s update for each slot in ``slots`` (distinct), with that slot's own step count."""
-        bank, dim = self.bank, self.bank.SLOT_DIM
+        bank = self.bank
         (beta1, beta2), state = self.betas, self._adam_state()
         steps = state["step"][slots] + 1
         bias1, bias2 = 1 - beta1 ** steps.double(), 1 - beta2 ** steps.double()
         params = bank.slot_rows(slots)
         updated, moments = {}, {}
         for name, grad in grads.items():
-            per_slot_shape = [-1 if d == dim else 1 for d in range(grad.dim())]
-            exp_avg = state[f"exp_avg_{name}"].index_select(dim, slots).lerp_(grad, 1 - beta1)
-            exp_avg_sq = state[f"exp_avg_sq_{name}"].index_select(dim, slots).mul_(beta2)
+            exp_avg = bank.take_slots(state[f"exp_avg_{name}"], slots).lerp_(grad, 1 - beta1)
+            exp_avg_sq = bank.take_slots(state[f"exp_avg_sq_{name}"], slots).mul_(beta2)
             exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
-            step_size = (self.lr / bias1).to(grad.dtype).view(per_slot_shape)
-            denom = (exp_avg_sq.sqrt() / bias2.sqrt().to(grad.dtype).view(per_slot_shape)).add_(self.eps)
+            step_size = bank.along_slots((self.lr / bias1).to(grad.dtype), grad)
+            denom = (exp_avg_sq.sqrt() / bank.along_slots(bias2.sqrt().to(grad.dtype), grad)).add_(self.eps)
             updated[name] = params[name] - step_size * exp_avg / denom
             moments[f"exp_avg_{name}"], moments[f"exp_avg_sq_{name}"] = exp_avg, exp_avg_sq
         bank.write_slot_rows(slots, updated)        # raises, writing nothing, if an update is not finite
         for name, value in moments.items():
-            state[name].index_copy_(dim, slots, value)
+            bank.put_slots(state[name], slots, value)
         state["step"].index_copy_(0, slots, steps)

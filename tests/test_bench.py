@@ -249,7 +249,7 @@ def test_train_baseline_gradients_equal_the_trainers(kind):
                         "values": layers[:, :, :, 1].permute(2, 0, 1, 3, 4)}
         torch.testing.assert_close(result.losses[problem], loss.detach(), rtol=2e-5, atol=1e-6)
         for name, grad in expected.items():
-            got = result.grads[name].index_select(bank.SLOT_DIM, torch.tensor([problem]))
+            got = bank.take_slots(result.grads[name], torch.tensor([problem]))
             torch.testing.assert_close(got, grad, rtol=2e-5, atol=2e-5 * grad.abs().max().item())
 
 
@@ -296,7 +296,7 @@ def test_loop_baseline_keys_equal_the_learners_and_it_stores_every_question():
         temperature=shape.temperature, extract_answer=extract_answer, vote=majority_vote)
     assert len(answers) == len(questions)
     assert keys.shape[0] == memories.shape[0] == shape.stored + len(questions)
-    stored = [x["store"].get(entry_id)[1]["question"] for entry_id in x["store"].ids]
+    stored = [x["store"].meta(entry_id).question for entry_id in x["store"].ids]
     for question, key in zip(stored + questions, keys):
         torch.testing.assert_close(key, learner.embed([question])[0], rtol=1e-5, atol=1e-5)
     tokens = x["tokenizer"](questions[0], return_tensors="pt").input_ids

@@ -60,6 +60,16 @@ def test_majority_answer_ignores_unanswered_samples():
     assert majority_answer(["no answer"]) is None
 
 
+def test_toy_scores_use_the_learners_answer_equivalence():
+    """``07`` and ``7`` are one answer here as in `python -m fastmem run` (plain string equality said no)."""
+    assert majority_answer(["=> 07", "=> 3", "=> 7"]) == "07"
+    scores = sampled_accuracy([{"answer": "7"}, {"answer": "3"}], [["=> 07", "=> 3", "=> 7", "none"],
+                                                                   ["=> 4", "=> 4", "=> 3", "=> 03"]])
+    assert scores == {"pass@1": (2 / 4 + 2 / 4) / 2, "maj@4": 1 / 2}
+    exact = sampled_accuracy([{"answer": "7"}], [["=> 07", "=> 07", "=> 3"]], equivalent=str.__eq__)
+    assert exact == {"pass@1": 0.0, "maj@3": 0.0}
+
+
 def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     save_tokenizer(build_tokenizer(), tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)

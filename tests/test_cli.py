@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fastmem.__main__ import main
 from fastmem.data import build_tokenizer
 from fastmem.data.files import read_problems, reference_answer
 from fastmem.data.words import write_jsonl
-from fastmem.learner import OnlineLearner
+from fastmem.learner import LearnerConfig, OnlineLearner
 from fastmem.models import load_model
 from fastmem.prompting import CHAT_PROMPT, PromptFormat
 from fastmem.store import MemoryStore
@@ -66,6 +67,12 @@ BAD_OPTIONS = [
     (["--cluster-similarity", "1.5"], "--cluster-similarity"),
     (["--replay", "-1"], "--replay"),
     (["--consolidate-every", "-2"], "--consolidate-every"),
+    (["--retrieve", "0"], "--retrieve"),
+    (["--objective", "dpo"], "--objective"),
+    (["--min-similarity", "-1.5"], "--min-similarity"),
+    (["--gate-trials", "-1"], "--gate-trials"),
+    (["--consolidate-threshold", "0"], "--consolidate-threshold"),
+    (["--seed", "x"], "--seed"),
     (["--limit", "many"], "--limit"),
     (["--prompt", "no placeholder"], "--prompt"),
     (["--chat-template", "always"], "--chat-template"),
@@ -121,19 +128,68 @@ def test_help_shows_every_default(capsys):
     assert "--max-new-tokens MAX_NEW_TOKENS tokens per sample at most (default: 96)" in text
 
 
-def test_max_new_tokens_and_sampling_defaults_are_the_learners():
+def run_parser():
     import argparse
-    import inspect
 
     from fastmem.cli import add_run_arguments
 
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
-    args = parser.parse_args([])
-    defaults = inspect.signature(OnlineLearner).parameters
-    for option, keyword in [("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                            ("top_k", "sample_top_k"), ("min_p", "min_p"), ("n", "n"), ("lr", "lr")]:
-        assert getattr(args, option) == defaults[keyword].default, option
+    return parser
+
+
+def test_every_learner_setting_is_an_option_with_the_configs_default():
+    from fastmem.cli import learner_config
+
+    parser = run_parser()
+    by_dest = {action.dest: action for action in parser._actions}
+    for item in fields(LearnerConfig):
+        assert item.name in by_dest, f"LearnerConfig.{item.name} has no command-line option"
+        default = parser.get_default(item.name)
+        assert (default if item.default != () else tuple(default or ())) == item.default, item.name
+        assert by_dest[item.name].help == item.metadata["help"], item.name
+    assert parser.get_default("max_new_tokens") == LearnerConfig().max_new_tokens == 96
+    assert learner_config(parser.parse_args([])) == LearnerConfig()
+
+
+def test_options_reach_their_config_fields():
+    from fastmem.cli import learner_config
+
+    config = learner_config(run_parser().parse_args(
+        ["--samples", "5", "--top-k", "7", "--retrieve", "3", "--objective", "reinforce", "--min-similarity", "0.25",
+         "--stop", "a", "--stop", "b", "--gate", "--no-resample", "--seed", "4", "--lr", "0.5"]))
+    assert config == LearnerConfig(n=5, sample_top_k=7, retrieve=3, objective="reinforce", min_similarity=0.25,
+                                   stop=("a", "b"), gate=True, resample=False, seed=4, lr=0.5)
+
+
+def test_the_command_line_and_the_config_accept_the_same_numbers():
+    """At and just beyond each end of every bounded number setting, the parser and `LearnerConfig` agree."""
+    from fastmem.options import Range, flags_of
+
+    parser = run_parser()
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    checked = 0
+    for item in fields(LearnerConfig):
+        allowed, kind = item.metadata["allowed"], type(item.default)
+        if not isinstance(allowed, Range):
+            continue
+        ends = [end for end in (allowed.low, allowed.high) if end is not None]
+        step = 1 if kind is int else 1e-3
+        for value in {kind(end + delta) for end in ends for delta in (-step, 0, step)}:
+            others = {"control": 0} if item.name == "n" else {}
+            try:
+                LearnerConfig(**{item.name: value}, **others)
+                config_ok = True
+            except ValueError:
+                config_ok = False
+            try:
+                parser.parse_args([flags_of(item)[0], str(value)])
+                cli_ok = True
+            except ValueError:
+                cli_ok = False
+            assert cli_ok == config_ok == (value in allowed), (item.name, value)
+            checked += 1
+    assert checked > 40
 
 
 # ---- data files ---------------------------------------------------------------------------------
@@ -247,7 +303,7 @@ def test_run_applies_the_template_and_sampling_options(chat_model_dir, tmp_path,
     suffix = tokenizer("\nPut your final answer within \\boxed{}.</s><assistant>", add_special_tokens=False)["input_ids"]
     assert prompts[0][-len(suffix):] == suffix
     assert options["temperature"] == 0.7 and options["top_p"] == 0.9 and options["top_k"] == 5
-    assert options["min_p"] == 0.05 and options["stop"] == ["</s>", "\n\n"] and options["max_new_tokens"] == 4
+    assert options["min_p"] == 0.05 and options["stop"] == ("</s>", "\n\n") and options["max_new_tokens"] == 4
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and all(r["reference"].isdigit() for r in records)
     calls.clear()
@@ -266,3 +322,45 @@ def test_builtin_word_problems_run_by_name(chat_model_dir, monkeypatch):
 
     assert [p["question"] for p in seen] == [p["question"] for p in word_problems(4, 2)]
     assert all(p["answer"] == p_["answer"].rsplit("#### ", 1)[1] for p, p_ in zip(seen, word_problems(4, 2)))
+
+
+# ---- python -m fastmem info ----------------------------------------------------------------------
+
+def info_report(capsys) -> tuple[dict[str, str], dict[tuple[str, str, int], str], str]:
+    """``python -m fastmem info``'s backend lines: name -> status, (device, dtype, head dim) -> auto's pick."""
+    main(["info"])
+    text = capsys.readouterr().out
+    status = dict(re.findall(r"^  (\w+) +(available|unavailable: .*)$", text, re.MULTILINE))
+    picks = {(device, dtype, int(head_dim)): picked for device, dtype, head_dim, picked
+             in re.findall(r"^  auto on (\w+) +(\w+) +head dim (\d+) +-> (\w+)$", text, re.MULTILINE)}
+    return status, picks, text
+
+
+@pytest.mark.parametrize("native_off", [False, True], ids=["as installed", "native switched off"])
+def test_info_reports_each_backends_availability_and_autos_pick(capsys, monkeypatch, native_off):
+    """Every backend is listed with its real availability (and reason), and each auto line names what
+    `auto` runs: on the CPU the native kernel when it is available, else the torch reference. With the
+    native backend made unavailable, info says so and auto falls back to torch."""
+    from fastmem.ops import backends
+
+    if native_off:
+        real = backends.unavailable_reason
+        monkeypatch.setattr(backends, "unavailable_reason",
+                            lambda name: "switched off by the test" if name == "native" else real(name))
+    backends.resolve.cache_clear()
+    try:
+        status, picks, text = info_report(capsys)
+    finally:
+        backends.resolve.cache_clear()
+    native = backends.unavailable_reason("native")
+    if native_off:
+        assert native == "switched off by the test"
+    assert status == {name: "available" if backends.unavailable_reason(name) is None
+                      else f"unavailable: {backends.unavailable_reason(name)}" for name in backends.BACKEND_MODULES}
+    assert ("native CPU kernels" in text) == (native is None)
+    cpu = {key: picked for key, picked in picks.items() if key[0] == "cpu"}
+    assert sorted(cpu) == sorted(("cpu", dtype, head_dim) for dtype in ("float32", "float16", "bfloat16")
+                                 for head_dim in (64, 128))
+    assert set(cpu.values()) == {"torch" if native is not None else "native"}
+    assert len(picks) == 6 * (1 + torch.cuda.is_available())
+

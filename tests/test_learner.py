@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fastmem import training
 from fastmem.__main__ import main
 from fastmem.data import build_tokenizer, stream
-from fastmem.learner import OnlineLearner
+from fastmem.learner import LearnerConfig, OnlineLearner
 from fastmem.store import MemoryStore
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
@@ -58,7 +59,7 @@ def test_learner_stores_memories_and_reports_every_question(model_dir, memory):
     if memory == "problem":
         assert len(store) == 6 and results[-1].retrieved   # later questions start from stored memories
     else:
-        assert len(store) == 1 and store.get(store.ids[0])[1]["members"] == 6   # everything joined one cluster
+        assert len(store) == 1 and store.meta(store.ids[0]).members == 6   # everything joined one cluster
 
 
 def test_resample_draws_each_problem_with_its_own_trained_memory(model_dir, monkeypatch):
@@ -129,6 +130,27 @@ def test_fresh_prefixes_start_as_asked(model_dir, monkeypatch, init):
     assert asked and set(asked) == {init}
     with pytest.raises(ValueError, match="prefix_init must be one of normal, tokens"):
         OnlineLearner(None, None, MemoryStore(), prefix_init="zeros")
+
+
+def test_settings_come_from_a_config_and_keywords_replace_its_fields(model_dir):
+    from fastmem.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    config = LearnerConfig(n=6, control=1, steps=2)
+    learner = OnlineLearner(model, tokenizer, MemoryStore(), config, steps=3, stop="###")
+    assert learner.config == LearnerConfig(n=6, control=1, steps=3, stop=("###",)) and config.steps == 2
+    assert OnlineLearner(model, tokenizer, MemoryStore(), n=5).config == LearnerConfig(n=5)
+    with pytest.raises(TypeError, match="top_k"):
+        OnlineLearner(model, tokenizer, MemoryStore(), top_k=2)
+    with pytest.raises(TypeError, match="config must be a LearnerConfig"):
+        OnlineLearner(model, tokenizer, MemoryStore(), 8)
+    for bad, message in [(dict(n=0), "n must be > 0"), (dict(n=2, control=2), r"control must lie in \[0, n=2\)"),
+                         (dict(lr=float("inf")), "lr must be a finite number"), (dict(steps=1.5), "steps must be an int"),
+                         (dict(gate="yes"), "gate must be a bool"), (dict(stop=["ok", ""]), "stop must be non-empty"),
+                         (dict(kind="lora"), "kind must be one of soft_prompt, prefix"),
+                         (dict(cluster_similarity=1.5), r"cluster_similarity must be in \[-1, 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            LearnerConfig(**bad)
 
 
 def test_no_label_reaches_training(model_dir, tmp_path, monkeypatch):
@@ -220,7 +242,8 @@ def test_gate_closes_a_memory_that_lowered_agreement_unless_turned_off(model_dir
     assert not any(r.used_memory for r in first)           # nothing stored yet: a fresh cluster
     cluster = first[0].memory_id
     assert learner.solve(questions[2:3])[0].used_memory      # open until gate_trials uses are measured
-    learner.store.update(cluster, gate_trials=2, gate_gain=-0.5)   # its samples agreed less than control's
+    # its samples agreed less than control's
+    learner.store.update(cluster, meta=replace(learner.store.meta(cluster), gate_trials=2, gate_gain=-0.5))
     assert learner.solve(questions[3:4])[0].used_memory is (not gate)
 
 
@@ -242,7 +265,7 @@ def test_replay_trains_each_cluster_on_its_remembered_problems(model_dir, monkey
         learner.solve(questions[start:start + 2])
     prompts = [learner.tokenizer(q)["input_ids"] for q in questions]
     (cluster,) = learner.store.ids
-    remembered = learner.store.get(cluster)[1]["replay"]
+    remembered = learner.store.meta(cluster).replay
     assert [item["prompt"] for item in remembered] == prompts[3:]          # the newest three, in order
     assert all(len(item["traces"]) == 4 for item in remembered)            # every sample agreed
     assert calls[0][0] == prompts[:2]                                      # batch 1: nothing remembered yet
@@ -256,6 +279,29 @@ def test_learner_consolidates_the_store_every_k_batches(model_dir, every):
     question = next(stream(5, 1))["question"]
     learner.solve([question] * 4)                  # identical keys: near duplicates
     if every:
-        assert len(learner.store) == 1 and len(learner.store.get(learner.store.ids[0])[1]["merged"]) == 3
+        assert len(learner.store) == 1 and len(learner.store.meta(learner.store.ids[0]).merged) == 3
     else:
         assert len(learner.store) == 4
+
+
+@pytest.mark.parametrize("memory", ["cluster", "problem"])
+def test_a_full_store_evicts_only_entries_the_batch_has_finished_with(model_dir, memory):
+    """A batch that retrieves the only entry of a full store (capacity 1) and also opens a new entry: the
+    retrieved entry is updated (cluster mode) and its hit counted before the add evicts it (this was a
+    KeyError in the cluster update); the new entry is stored. A question that joins a cluster opened in its
+    own batch is folded in before a later add can evict that cluster."""
+    directions = {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
+
+    def embed(questions):
+        return torch.tensor([directions[q[0]] for q in questions])
+
+    store = MemoryStore(capacity=1)
+    learner = small_learner(model_dir, store, memory=memory, cluster_similarity=0.9, min_similarity=0.5,
+                            batch_size=4, embed_fn=embed)
+    first = learner.solve(["a1"])[0].memory_id
+    results = learner.solve(["a2", "b1", "b2", "c1"])
+    assert [r.retrieved for r in results][:1] == [[first]] and store.ids == [results[-1].memory_id]
+    if memory == "cluster":
+        assert results[0].memory_id == first and results[1].memory_id == results[2].memory_id
+        assert store.meta(store.ids[0]).question == "c1" and store.meta(store.ids[0]).members == 1
+    assert store.meta(store.ids[0]).hits == 0

@@ -408,7 +408,7 @@ def test_a_slot_with_its_own_generator_does_not_depend_on_the_others(make):
     together, alone = make(model, slots=3, length=4, generator=generators(5, 6, 7)), make(
         model, slots=1, length=4, generator=generators(6))
     for name, parameter in together.named_parameters():
-        slot = (slice(None),) * together.SLOT_DIM + (slice(1, 2),)
+        slot = together.slot_selector(slice(1, 2))
         torch.testing.assert_close(parameter.detach()[slot], getattr(alone, name).detach(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="one generator per slot: 2 slots, 1 generators"):
         make(model, slots=2, length=4, generator=generators(1))

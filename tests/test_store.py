@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastmem import store as store_module
-from fastmem.store import DATABASE, MemoryStore, StoreLockedError
+from fastmem.store import DATABASE, EntryMeta, MemoryStore, StoreLockedError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,22 +53,26 @@ WRITER = COMMON + '''
 import os
 import sys
 
-from fastmem.store import MemoryStore
+from dataclasses import replace
+
+from fastmem.store import EntryMeta, MemoryStore
 
 
 def write_forever(directory):
     store = MemoryStore.load(directory)
-    cycle = store.get(max(store.ids))[1]["cycle"] if len(store) else 0
+    cycle = store.meta(max(store.ids)).extra["cycle"] if len(store) else 0
     while True:
         cycle += 1
         hits, updated, shares = cycle_ops(cycle, store.ids)
         store.record_hits(hits)
         if updated is not None:
-            store.update(updated, memory=content(updated, cycle)[1], version=cycle)
+            meta = store.meta(updated)
+            store.update(updated, memory=content(updated, cycle)[1],
+                         meta=replace(meta, extra={**meta.extra, "version": cycle}))
         for share in shares:
             entry_id = store._state["next_id"]
             key, memory = content(entry_id, 0)
-            store.add(key, memory, cycle=cycle, version=0, vote_share=share)
+            store.add(key, memory, EntryMeta(vote_share=share, extra={"cycle": cycle, "version": 0}))
         store.save()
         print(f"saved {cycle}", flush=True)
 
@@ -109,14 +114,14 @@ def assert_state(store: MemoryStore, model: dict) -> None:
     for entry_id, expected in model.items():
         memory, meta = store.get(entry_id)
         key, _ = content(entry_id, 0)
-        assert (meta["hits"], meta["vote_share"], meta["version"], meta["cycle"]) == (
+        assert (meta.hits, meta.vote_share, meta.extra["version"], meta.extra["cycle"]) == (
             expected["hits"], expected["vote_share"], expected["version"], expected["cycle"])
         assert torch.equal(memory, content(entry_id, expected["version"])[1])
         assert torch.equal(store.key(entry_id), key)
 
 
 def committed_cycle(store: MemoryStore) -> int:
-    return store.get(max(store.ids))[1]["cycle"] if len(store) else 0
+    return store.meta(max(store.ids)).extra["cycle"] if len(store) else 0
 
 
 def test_kill_minus_9_at_random_instants_leaves_a_committed_state(tmp_path):
@@ -160,7 +165,7 @@ def filled_store(count=6, dim=8, shape=(3, 4), dir=None, capacity=100, seed=0, *
     store = MemoryStore(dir, capacity=capacity, **options)
     keys, memories = torch.randn(count, dim, generator=gen), torch.randn(count, *shape, generator=gen)
     for i in range(count):
-        store.add(keys[i], memories[i], question=f"q{i}", vote_share=i / count)
+        store.add(keys[i], memories[i], EntryMeta(question=f"q{i}", vote_share=i / count))
     return store, keys, memories
 
 
@@ -189,7 +194,8 @@ def test_ivf_index_probing_every_list_is_exact_and_follows_changes(monkeypatch):
     queries = torch.randn(4, 8)
     for evicted in range(2):   # the index is built at the first search, then kept in step with adds and evictions
         assert torch.equal(exact.search(queries, 5)[1], approximate.search(queries, 5)[1])
-        new_ids = [store.add(queries[evicted] * 3, torch.ones(3, 4), vote_share=1.0) for store in (exact, approximate)]
+        new_ids = [store.add(queries[evicted] * 3, torch.ones(3, 4), EntryMeta(vote_share=1.0))
+                   for store in (exact, approximate)]
         assert approximate.search(queries, 1)[1][evicted].item() == new_ids[1] == 60 + evicted
         assert evicted not in approximate.search(queries, 60)[1]
 
@@ -197,18 +203,18 @@ def test_ivf_index_probing_every_list_is_exact_and_follows_changes(monkeypatch):
 def test_eviction_keeps_new_memory_and_drops_least_used():
     store, _, _ = filled_store(count=3, capacity=3)
     store.record_hits([0, 1])   # entry 2 now has the fewest hits
-    new_id = store.add(torch.randn(8), torch.ones(3, 4), question="new")
+    new_id = store.add(torch.randn(8), torch.ones(3, 4), EntryMeta(question="new"))
     assert store.ids == [0, 1, new_id]
     assert torch.equal(store.get(new_id)[0], torch.ones(3, 4))
 
 
 def test_eviction_ties_break_on_vote_share_then_age():
     store, _, _ = filled_store(count=4, capacity=4)   # no hits; vote shares 0, 1/4, 2/4, 3/4
-    store.update(2, vote_share=0.0)                  # entries 0 and 2 tie: the older goes first
+    store.update(2, meta=replace(store.meta(2), vote_share=0.0))   # entries 0 and 2 tie: the older goes first
     evicted = []
     for _ in range(3):
         before = set(store.ids)
-        store.add(torch.randn(8), torch.zeros(3, 4), vote_share=1.0)
+        store.add(torch.randn(8), torch.zeros(3, 4), EntryMeta(vote_share=1.0))
         evicted += sorted(before - set(store.ids))
     assert evicted == [0, 2, 1]
 
@@ -216,15 +222,17 @@ def test_eviction_ties_break_on_vote_share_then_age():
 def test_consolidate_merges_near_duplicates_keeping_metadata():
     store = MemoryStore()
     key = torch.tensor([1.0, 0.0, 0.0])
-    a = store.add(key, torch.zeros(2), question="a", vote_share=0.25, hits=1)
-    b = store.add(key + torch.tensor([0.0, 0.01, 0.0]), torch.ones(2) * 4, question="b", vote_share=0.75, hits=2)
-    c = store.add(torch.tensor([0.0, 1.0, 0.0]), torch.ones(2), question="c")
+    a = store.add(key, torch.zeros(2), EntryMeta(question="a", vote_share=0.25, hits=1, members=2, step=5))
+    b = store.add(key + torch.tensor([0.0, 0.01, 0.0]), torch.ones(2) * 4,
+                  EntryMeta(question="b", vote_share=0.75, hits=2, members=3))
+    c = store.add(torch.tensor([0.0, 1.0, 0.0]), torch.ones(2), EntryMeta(question="c"))
     assert store.consolidate(threshold=0.95) == 1
     assert store.ids == [a, c]
     memory, meta = store.get(a)
     torch.testing.assert_close(memory, torch.full((2,), 3.0))   # vote-share weighted: 0.25 * 0 + 0.75 * 4
     torch.testing.assert_close(store.key(a), key + torch.tensor([0.0, 0.0075, 0.0]))   # weighted the same way
-    assert meta["hits"] == 3 and meta["merged"] == [{"id": b, "question": "b"}]
+    assert meta == EntryMeta(id=a, hits=3, vote_share=0.25 * 0.25 + 0.75 * 0.75, question="a", step=5, members=5,
+                             merged=[{"id": b, "question": "b"}])
 
 
 def greedy_consolidation(keys: dict, threshold: float) -> dict:
@@ -256,7 +264,7 @@ def test_incremental_consolidation_matches_comparing_every_pair():
         assert store.consolidate(0.97) == sum(map(len, groups.values()))
         assert store.ids == sorted(keys)
         for entry_id in groups:
-            assert [m["id"] for m in store.get(entry_id)[1]["merged"]][-len(groups[entry_id]):] == groups[entry_id]
+            assert [m["id"] for m in store.meta(entry_id).merged][-len(groups[entry_id]):] == groups[entry_id]
             torch.testing.assert_close(store.key(entry_id), keys[entry_id])
 
 
@@ -264,14 +272,14 @@ def test_save_load_round_trip_is_bit_identical_and_unsaved_changes_are_dropped(t
     store, keys, memories = filled_store(dir=tmp_path / "s")
     store.record_hits([2])
     store.save()
-    store.add(torch.randn(8), torch.randn(3, 4), question="unsaved")
+    store.add(torch.randn(8), torch.randn(3, 4), EntryMeta(question="unsaved"))
     store.close()
     with MemoryStore.load(tmp_path / "s") as loaded:
         assert loaded.ids == list(range(6)) and loaded.capacity == 100
         for i in range(6):
             memory, meta = loaded.get(i)
             assert torch.equal(memory, memories[i]) and torch.equal(loaded.key(i), keys[i])
-            assert meta == {"question": f"q{i}", "vote_share": i / 6, "hits": int(i == 2), "id": i}
+            assert meta == EntryMeta(question=f"q{i}", vote_share=i / 6, hits=int(i == 2), id=i)
         assert loaded.add(torch.randn(8), torch.randn(3, 4)) == 6   # ids continue: 6 was never committed
 
 
@@ -297,7 +305,7 @@ def test_second_writer_is_refused_and_readers_see_committed_state(tmp_path):
     with MemoryStore.load(tmp_path, readonly=True) as reader:
         assert reader.ids == [0, 1, 2]
         store.save()
-        assert reader.ids == [0, 1, 2] and reader.get(2)[1]["question"] == "q2"   # its snapshot holds
+        assert reader.ids == [0, 1, 2] and reader.meta(2).question == "q2"   # its snapshot holds
         with pytest.raises(ValueError, match="read-only"):
             reader.add(torch.randn(8), torch.randn(3, 4))
     assert MemoryStore.load(tmp_path, readonly=True).ids == [0, 1, 2, 3]
@@ -380,6 +388,29 @@ def test_load_rejects_damaged_or_foreign_store(tmp_path, damage, words):
             MemoryStore.load(tmp_path, readonly=readonly)
 
 
+def test_metadata_is_plain_json_on_disk_and_untyped_metadata_still_loads(tmp_path):
+    """Each field is a JSON key of the entry's row (defaults left out); metadata a store held before `EntryMeta`
+    (any JSON object) loads, its unknown keys in ``extra``, and is written back unchanged."""
+    store, _, _ = filled_store(count=2, dir=tmp_path / "s")
+    store.update(1, meta=EntryMeta(question="q1", answer="7", members=2, replay=[{"prompt": [1], "traces": [[2]]}],
+                                   extra={"cycle": 3}))
+    store.save()
+    store.close()
+    database = sqlite3.connect(tmp_path / "s" / DATABASE)
+    assert json.loads(database.execute("SELECT meta FROM entries WHERE id = 1").fetchone()[0]) == {
+        "question": "q1", "answer": "7", "members": 2, "replay": [{"prompt": [1], "traces": [[2]]}], "cycle": 3}
+    old = {"question": "q0", "members": 4, "gate_trials": 2, "gate_gain": -0.5, "replay": [], "custom": {"a": 1}}
+    with database:
+        database.execute("UPDATE entries SET meta = ? WHERE id = 0", (json.dumps(old),))
+    database.close()
+    with MemoryStore.load(tmp_path / "s") as loaded:
+        assert loaded.meta(0) == EntryMeta(id=0, vote_share=0.0, question="q0", members=4, gate_trials=2,
+                                           gate_gain=-0.5, extra={"custom": {"a": 1}})
+        assert loaded.get(1)[1] == loaded.meta(1) and loaded.meta(1).extra == {"cycle": 3}
+        loaded.update(0, memory=torch.zeros(3, 4))   # the metadata kept as it was
+        assert loaded.meta(0).extra == {"custom": {"a": 1}} and loaded.meta(0).members == 4
+
+
 def write_version_1(path: Path, keys, memories, entries, next_id) -> None:
     """A version-1 directory as fastmem 0.x wrote it: store.json plus a safetensors file."""
     import hashlib
@@ -394,7 +425,7 @@ def write_version_1(path: Path, keys, memories, entries, next_id) -> None:
 
 def test_version_1_store_converts_on_load(tmp_path):
     keys, memories = torch.randn(3, 8), torch.randn(3, 2, 5)
-    entries = [{"hits": i, "vote_share": 0.5, "question": f"q{i}", "id": entry_id}
+    entries = [{"hits": i, "vote_share": 0.5, "question": f"q{i}", "id": entry_id, "note": [i]}
                for i, entry_id in enumerate([1, 4, 7])]
     write_version_1(tmp_path / "old", keys, memories, entries, next_id=9)
     with pytest.raises(ValueError, match="version-1 memory store"):
@@ -407,7 +438,8 @@ def test_version_1_store_converts_on_load(tmp_path):
     for row, entry in enumerate(entries):
         memory, meta = store.get(entry["id"])
         assert torch.equal(memory, memories[row]) and torch.equal(store.key(entry["id"]), keys[row])
-        assert meta == entry
+        assert meta == EntryMeta(id=entry["id"], hits=entry["hits"], vote_share=0.5, question=entry["question"],
+                                 extra={"note": entry["note"]})
     assert store.add(torch.randn(8), torch.randn(2, 5)) == 9
     store.close()
     (tmp_path / "old" / "tensors-3.safetensors").unlink()   # no longer read
@@ -452,8 +484,12 @@ def test_deepcopy_of_an_in_memory_store_is_independent(tmp_path):
     (lambda s: s.add(torch.randn(8), torch.randn(2, 4)), "shape"),
     (lambda s: s.add(torch.randn(8), torch.full((3, 4), float("nan"))), "non-finite"),
     (lambda s: s.add(torch.zeros(8), torch.randn(3, 4)), "non-zero"),
-    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), note=object()), "serializable"),
-    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), vote_share="high"), "vote_share"),
+    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), EntryMeta(extra={"note": object()})), "serializable"),
+    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), EntryMeta(vote_share="high")), "vote_share"),
+    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), EntryMeta(hits=-1)), "hits"),
+    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), EntryMeta(extra={"question": "twice"})), "field names"),
+    (lambda s: s.add(torch.randn(8), torch.randn(3, 4), {"question": "untyped"}), "EntryMeta"),
+    (lambda s: s.update(2, meta=EntryMeta(vote_share=float("nan"))), "vote_share"),
     (lambda s: s.update(2, memory=torch.randn(3, 4), key=torch.randn(9)), "dimensions"),
     (lambda s: s.record_hits([1, 99]), "no memory with id 99"),
     (lambda s: s.search(torch.randn(2, 5), k=1), "search keys"),
@@ -490,14 +526,14 @@ def test_a_snapshot_and_a_pickle_hold_every_entry_unsaved_ones_included(tmp_path
 
     store, keys, memories = filled_store(count=4, dir=tmp_path / "s")
     store.save()
-    store.add(keys[0] * 2, memories[0] * 2, question="unsaved")
+    store.add(keys[0] * 2, memories[0] * 2, EntryMeta(question="unsaved"))
     for twin in (store.snapshot(), pickle.loads(pickle.dumps(store))):
         assert twin.dir is None and twin.ids == store.ids
         for entry_id in store.ids:
             assert torch.equal(twin.key(entry_id), store.key(entry_id))
             (memory, meta), (expected, expected_meta) = twin.get(entry_id), store.get(entry_id)
             assert torch.equal(memory, expected) and meta == expected_meta
-        twin.add(keys[1], memories[1], question="only in the twin")
+        twin.add(keys[1], memories[1], EntryMeta(question="only in the twin"))
         assert len(twin) == 6 and len(store) == 5
     store.save()
     store.close()

@@ -54,12 +54,12 @@ def unshared_loss_and_grads(model, bank, prompt, traces, rewards, slot, objectiv
         loss = -sum((reward - baseline) * lp for lp, reward in zip(logprobs, rewards))
     grads = torch.autograd.grad(loss, list(bank.parameters()))
     slot_index = torch.tensor([slot])
-    return loss.detach(), {name: grad.index_select(bank.SLOT_DIM, slot_index)
+    return loss.detach(), {name: bank.take_slots(grad, slot_index)
                            for (name, _), grad in zip(bank.named_parameters(), grads)}
 
 
 def problem_rows(grads: dict, bank, problem: int) -> dict:
-    return {name: grad.index_select(bank.SLOT_DIM, torch.tensor([problem])) for name, grad in grads.items()}
+    return {name: bank.take_slots(grad, torch.tensor([problem])) for name, grad in grads.items()}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,13 +138,31 @@ def test_a_token_budget_splits_the_step_into_groups_with_the_same_gradients(kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_flat_vectors_read_and_write_whole_slots_only(kind):
+    """A slot's flat vector is its parameters' slices at `slot_selector`, flattened in parameter order; writing
+    one slot back leaves every other slot's bits; a vector of the wrong size is refused, writing nothing."""
+    bank = make_bank(patch(make_model("llama")), kind, slots=4)
+    vectors = bank.read_vectors()
+    expected = [torch.cat([p.detach()[bank.slot_selector(slot)].flatten().float() for p in bank.parameters()])
+                for slot in range(4)]
+    assert torch.equal(vectors, torch.stack(expected))
+    bank.write_vectors(torch.tensor([2]), (vectors[0] * 2).double()[None])
+    assert torch.equal(bank.read_vectors(torch.tensor([0, 1, 3])), vectors[[0, 1, 3]])
+    torch.testing.assert_close(bank.read_vectors(torch.tensor([2]))[0], vectors[0] * 2)
+    before = bank.read_vectors()
+    for bad in (vectors[:1, :-1], vectors[:2], vectors[0]):
+        with pytest.raises(ValueError, match=f"expected vectors \\[1, {vectors.shape[1]}\\]"):
+            bank.write_vectors(torch.tensor([1]), bad)
+    assert torch.equal(bank.read_vectors(), before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_steps_are_per_slot_adam_and_leave_other_slots_bit_identical(kind):
     """Each slot follows torch.optim.Adam on that slot alone (own step count); the rest keep their bits."""
     model = patch(make_model("llama"))
     bank = make_bank(model, kind, slots=6)
     trainer = MemoryTrainer(model, bank, lr=0.05, objective="reinforce")
-    dim = bank.SLOT_DIM
-    alone = {slot: [p.detach().index_select(dim, torch.tensor([slot])).requires_grad_() for p in bank.parameters()]
+    alone = {slot: [bank.take_slots(p.detach(), torch.tensor([slot])).requires_grad_() for p in bank.parameters()]
              for slot in range(bank.num_slots)}
     optimizers = {slot: torch.optim.Adam(params, lr=0.05, foreach=False) for slot, params in alone.items()}
     for seed, slots in enumerate([[0, 1, 2], [2, 4, 1], [1, 0, 4]]):   # step counts differ within a batch
@@ -159,11 +177,12 @@ def test_steps_are_per_slot_adam_and_leave_other_slots_bit_identical(kind):
             optimizers[slot].step()
         for slot, params in alone.items():
             for param, expected in zip(bank.parameters(), params):
-                assert torch.equal(param.detach().index_select(dim, torch.tensor([slot])), expected.detach())
+                assert torch.equal(bank.take_slots(param.detach(), torch.tensor([slot])), expected.detach())
         untouched = torch.tensor([s for s in range(bank.num_slots) if s not in slots])
         for name, tensor in bank_tensors(bank).items():
-            slot_dim = 0 if name in ("lengths", "optimizer_step") else dim
-            assert torch.equal(tensor.index_select(slot_dim, untouched), before[name].index_select(slot_dim, untouched))
+            take = (lambda t: t[untouched]) if name in ("lengths", "optimizer_step") else (
+                lambda t: bank.take_slots(t, untouched))
+            assert torch.equal(take(tensor), take(before[name]))
     assert bank.optimizer_state()["step"].tolist() == [2, 3, 2, 0, 2, 0]
     assert_frozen(model)
 

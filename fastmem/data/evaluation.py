@@ -1,11 +1,12 @@
 """Sample solutions from a causal LM and score them: pass@1, majority vote, greedy accuracy."""
 from __future__ import annotations
 
-from collections import Counter
+from typing import Callable
 
 import torch
 
 from fastmem.data.problems import extract_answer
+from fastmem.voting import answers_equivalent, majority_vote
 
 
 def random_soft_prompt(model, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -42,16 +43,24 @@ def generate_solutions(model, tokenizer, questions: list[str], num_samples: int 
     return [completions[index:index + num_samples] for index in range(0, len(completions), num_samples)]
 
 
-def majority_answer(completions: list[str]) -> str | None:
-    """The most common extracted answer (first seen wins ties); None when no completion has one."""
-    answers = [answer for answer in map(extract_answer, completions) if answer is not None]
-    return Counter(answers).most_common(1)[0][0] if answers else None
+def majority_answer(completions: list[str],
+                    equivalent: Callable[[str, str], bool] = answers_equivalent) -> str | None:
+    """The majority of the extracted answers, grouped by ``equivalent`` (`fastmem.voting.majority_vote`, as the
+    learner votes: ``07`` and ``7`` are one answer; the first seen wins ties); None when no completion has one."""
+    return majority_vote([extract_answer(text) for text in completions], equivalent).answer
 
 
-def sampled_accuracy(problems: list[dict[str, str]], samples: list[list[str]]) -> dict[str, float]:
-    """pass@1 (mean over samples) and maj@k (majority answer correct) for `k` samples per problem."""
+def sampled_accuracy(problems: list[dict[str, str]], samples: list[list[str]],
+                     equivalent: Callable[[str, str], bool] = answers_equivalent) -> dict[str, float]:
+    """pass@1 (mean over samples) and maj@k (majority answer correct) for `k` samples per problem; an answer is
+    correct when ``equivalent`` to the problem's ``answer`` (default: `fastmem.voting.answers_equivalent`, what
+    ``python -m fastmem run`` scores with)."""
+    def correct(answer: str | None, reference: str) -> bool:
+        return answer is not None and equivalent(answer, reference)
+
     pass_at_1 = sum(
-        sum(extract_answer(text) == problem["answer"] for text in texts) / len(texts)
+        sum(correct(extract_answer(text), problem["answer"]) for text in texts) / len(texts)
         for problem, texts in zip(problems, samples))
-    majority = sum(majority_answer(texts) == problem["answer"] for problem, texts in zip(problems, samples))
+    majority = sum(correct(majority_answer(texts, equivalent), problem["answer"])
+                   for problem, texts in zip(problems, samples))
     return {"pass@1": pass_at_1 / len(problems), f"maj@{len(samples[0])}": majority / len(problems)}
