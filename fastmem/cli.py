@@ -200,8 +200,9 @@ def run(args) -> dict:
     has answers) the comparison; returns the summary. Launched by torchrun with several ranks, each batch is
     split across them (`fastmem.distributed`) and rank 0 alone reads and writes --store and --out (every
     rank reads --data and --model). A batch is committed when its records are appended to --out and then
-    --store is saved; a dead rank (the others exit with a one-line error), an interrupt or a crash leaves
-    the last committed batch on disk, and --resume continues after it."""
+    --store is saved with the problems done (`MemoryStore.save(progress=)`); a dead rank (the others exit
+    with a one-line error), an interrupt or a crash leaves the last committed batch on disk, and --resume
+    continues after it (a batch whose records reached --out but whose store was not saved is solved again)."""
     from fastmem.distributed import RankFailure
 
     try:
@@ -241,6 +242,8 @@ def _run(args) -> dict:
         except StoreLockedError as error:
             _fail(f"--store: {error}")
         done = _read_done(out_path) if args.resume else []
+        if args.resume and out_path is not None and store.progress is not None and len(done) != store.progress:
+            done = _match_store(out_path, done, store.progress)
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             if not args.resume:
@@ -272,12 +275,12 @@ def _run(args) -> dict:
                     unsaved = True
                     _append_records(out_path, solved)
                     if args.store:
-                        store.save()
+                        store.save(progress=len(records))
                     unsaved = False
                 bar.update(len(chunk))
     except KeyboardInterrupt:
         if unsaved and args.store:
-            store.save()
+            store.save(progress=len(records))
         store.close()   # releases the store's lock now, not when the traceback goes
         if leader:
             print(f"\ninterrupted after {len(records)} problems"
@@ -297,6 +300,26 @@ def _run(args) -> dict:
     store.close()
     print_summary(summary, args)
     return summary
+
+
+def _match_store(out_path: Path, done: list[dict], progress: int) -> list[dict]:
+    """--out's records cut back to the ``progress`` problems the store committed: a crash (a ``kill -9``, a
+    power cut) between appending a batch's records and saving the store leaves --out one batch ahead, and that
+    batch is solved again. --out is rewritten atomically (a temporary file, fsynced, renamed). A store ahead of
+    --out (another run's --out): the run stops with an error, changing nothing."""
+    if len(done) < progress:
+        _fail(f"--resume: --store committed {progress} problems but --out holds {len(done)} records: they are not "
+              "from the same run (give the --out this store was saved with)")
+    print(f"--resume: --out holds {len(done) - progress} records of a batch whose store was never saved (the "
+          "run stopped between the two writes); that batch is solved again", file=sys.stderr)
+    lines = [line for line in out_path.read_text().splitlines() if line.strip()][:progress]
+    partial = out_path.with_name(out_path.name + ".partial")
+    with partial.open("w") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, out_path)
+    return done[:progress]
 
 
 def _append_records(out_path: Path | None, records: list[dict]) -> None:

@@ -306,6 +306,12 @@ class MemoryStore:
         return self._state["capacity"]
 
     @property
+    def progress(self) -> int | None:
+        """The stream position given to the last `save` that gave one (committed with that save's entries);
+        None when no save gave one. ``fastmem run --resume`` compares it with --out's records."""
+        return self._state.get("progress")
+
+    @property
     def ids(self) -> list[int]:
         """Every entry's id, oldest first (O(N log N): for inspection)."""
         return sorted(self._index.rows)
@@ -569,12 +575,18 @@ class MemoryStore:
 
     # -- persistence ----------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Commit every change since the last save (only those), fsynced; returns the dir. ValueError for a
-        store without a dir or a read-only one; OSError when the commit fails (the last saved state stays)."""
+    def save(self, progress: int | None = None) -> Path:
+        """Commit every change since the last save (only those), fsynced; returns the dir. progress: the
+        writer's position in its stream that this state reflects (e.g. problems done), committed with it in
+        the same transaction (`progress` reads it back). ValueError for a store without a dir or a read-only
+        one, or a progress that is not an int >= 0; OSError when the commit fails (the last saved state stays)."""
         if self.dir is None:
             raise ValueError("this store has no dir; create it with MemoryStore(dir=...) to save it")
+        if progress is not None and (not isinstance(progress, int) or isinstance(progress, bool) or progress < 0):
+            raise ValueError(f"progress must be an int >= 0; got {progress!r}")
         with self._writing():
+            if progress is not None:
+                self._state["progress"] = progress
             self._db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)",
                                  [(name, json.dumps(value)) for name, value in self._state.items()])
         try:

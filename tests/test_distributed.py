@@ -111,6 +111,25 @@ def test_a_killed_rank_stops_the_other_and_resume_continues(one_process, tmp_pat
     assert_same_run(tmp_path, one_process)
 
 
+def test_resume_solves_again_a_batch_whose_store_was_not_saved(one_process, tmp_path, capsys):
+    """A crash between appending a batch's records to --out and saving --store (rank 0 or one process)."""
+    store, out = run_files(tmp_path)
+    main(["run", *RUN, *output_args(tmp_path), "--limit", "3"])      # batch 1 committed: records and store
+    with MemoryStore.load(store, readonly=True) as saved:
+        assert saved.progress == 3
+    batch_2 = run_files(one_process)[1].read_text().splitlines()[3:6]
+    with out.open("a") as handle:                                       # batch 2's records, its store never saved
+        handle.write("".join(line + "\n" for line in batch_2))
+    main(["run", *RUN, *output_args(tmp_path), "--resume"])
+    assert "3 records of a batch whose store was never saved" in capsys.readouterr().err
+    assert_same_run(tmp_path, one_process)
+    foreign = tmp_path / "foreign.jsonl"                                # a store ahead of --out: refused, no change
+    foreign.write_text("")
+    with pytest.raises(SystemExit, match="--store committed 10 problems but --out holds 0 records"):
+        main(["run", *RUN, "--store", str(store), "--out", str(foreign), "--resume"])
+    assert foreign.read_text() == ""
+
+
 def test_shares_split_a_batch_in_order():
     for count in range(7):
         for world in (1, 2, 3, 4):

@@ -169,6 +169,23 @@ def filled_store(count=6, dim=8, shape=(3, 4), dir=None, capacity=100, seed=0, *
     return store, keys, memories
 
 
+def test_progress_commits_with_the_save_that_gives_it(tmp_path):
+    store = MemoryStore(tmp_path / "s")
+    assert store.progress is None
+    store.add(torch.ones(4), torch.ones(2))
+    store.save(progress=3)
+    store.add(torch.ones(4), torch.ones(2))
+    for bad in (-1, True, 1.5, "3"):
+        with pytest.raises(ValueError, match="progress must be an int >= 0"):
+            store.save(progress=bad)
+    with MemoryStore.load(tmp_path / "s", readonly=True) as reader:      # the bad saves committed nothing
+        assert (len(reader), reader.progress) == (1, 3)
+    store.save()                                                            # a save without one keeps the last
+    store.close()
+    with MemoryStore.load(tmp_path / "s", readonly=True) as reader:
+        assert (len(reader), reader.progress) == (2, 3)
+
+
 def test_search_matches_brute_force_cosine():
     store, keys, _ = filled_store(count=20)
     queries = torch.randn(5, 8)
