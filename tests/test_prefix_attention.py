@@ -536,9 +536,27 @@ def test_unknown_or_unsupported_backend():
 def test_info_lists_backends(capsys):
     from fastmem.__main__ import main
     main(["info"])
-    text = capsys.readouterr().out
-    for word in ("torch", "triton", "native", "auto"):
-        assert word in text
+    lines = capsys.readouterr().out.splitlines()
+    for name in backends.BACKENDS:
+        reason = backends.unavailable_reason(name)
+        assert f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}" in lines
+    picked = backends.resolve("auto", torch.device("cpu"), torch.float32, 64)
+    assert f"  auto on cpu  float32  head dim 64  -> {picked}" in lines
+
+
+def test_backend_registry_loads_its_modules():
+    """Each entry's load() imports the module its name and messages refer to; unknown names say the choices."""
+    for name, backend in backends.BACKENDS.items():
+        assert backend.name == name
+        if backends.unavailable_reason(name) is None:
+            assert backends.load(name) is backend.load()
+            assert backend.load().__name__ == backend.module
+        else:
+            assert backends.unavailable_reason(name)
+            with pytest.raises(RuntimeError, match=f"backend {name!r} is not available"):
+                backends.load(name)
+    with pytest.raises(ValueError, match="choose one of 'auto', 'torch', 'triton', 'native'"):
+        backends.load("cudnn")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
