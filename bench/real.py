@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 

@@ -89,7 +89,7 @@ def seeded_randn(settings: Settings, seed: int = 0) -> Callable[..., torch.Tenso
 
 def timed_backends(settings: Settings, head_dim: int) -> list[str]:
     """fastmem backends that run here (Triton only on CUDA: its CPU interpreter checks, it is not fast)."""
-    return [name for name in backends.BACKEND_MODULES
+    return [name for name in backends.BACKENDS
             if backends.unavailable_reason(name) is None
             and backends.supports(name, settings.device, settings.dtype, head_dim)
             and (name != "triton" or settings.device.type == "cuda")]
@@ -505,7 +505,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         progress(f"sweeps: {', '.join(sweep.title for sweep in sweeps)}")
     env = environment(settings.device, settings.dtype)
     env["fastmem_backends"] = {name: backends.unavailable_reason(name) or "available"
-                               for name in backends.BACKEND_MODULES}
+                               for name in backends.BACKENDS}
     env["auto_backend"] = auto_backend(settings, ATTENTION_SHAPE.head_dim)
     return dict(
         environment=env, sections=args.only, timing=asdict(timing),

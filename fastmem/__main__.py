@@ -68,7 +68,7 @@ def info() -> None:
     if warning:
         print(warning)
     print("prefix_attention backends:")
-    for name in backends.BACKEND_MODULES:
+    for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name)
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
     if backends.unavailable_reason("native") is None:

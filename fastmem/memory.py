@@ -345,7 +345,7 @@ class SoftPromptBank(MemoryBank):
 
     @classmethod
     def memory_of(cls, model, tensors, lengths, index):
-        return soft_prompt_memory(model, tensors["embeddings"], lengths, index, with_logits=True)
+        return soft_prompt_memory(model, tensors["embeddings"], lengths, index)
 
 
 class PrefixBank(MemoryBank):

@@ -356,7 +356,7 @@ def test_info_reports_each_backends_availability_and_autos_pick(capsys, monkeypa
     if native_off:
         assert native == "switched off by the test"
     assert status == {name: "available" if backends.unavailable_reason(name) is None
-                      else f"unavailable: {backends.unavailable_reason(name)}" for name in backends.BACKEND_MODULES}
+                      else f"unavailable: {backends.unavailable_reason(name)}" for name in backends.BACKENDS}
     assert ("native CPU kernels" in text) == (native is None)
     cpu = {key: picked for key, picked in picks.items() if key[0] == "cpu"}
     assert sorted(cpu) == sorted(("cpu", dtype, head_dim) for dtype in ("float32", "float16", "bfloat16")

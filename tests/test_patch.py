@@ -224,6 +224,36 @@ def test_one_plan_per_forward_handed_to_every_layer(monkeypatch):
     assert all(plan.slot_offsets is None for plan in counter.plans[1:])
 
 
+def test_soft_prompt_pass_runs_outside_the_injection_hooks():
+    """A soft-prompt bank runs its prompts through the decoder alone: inside `inject`, one model call is one
+    forward of the model (its hooks run once) and two of the decoder (the prompts, then the tokens)."""
+    model = patch(make_model("llama"))
+    bank = mixed_bank(model, "soft_prompt")
+    ids, mask, labels, _ = make_batch(MIXED_LENGTHS)
+    calls = {"model": 0, "decoder": 0}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("model", calls["model"] + 1))
+    model.get_decoder().register_forward_pre_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    with inject(model, bank, MIXED_INDEX):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert calls == {"model": 1, "decoder": 2}
+    assert bank.embeddings.grad is not None
+
+
+def test_soft_prompt_logits_are_softcapped_like_the_model():
+    """With ``final_logit_softcapping`` (Gemma 3 may set it), the last soft-prompt position's logits (they
+    predict each row's first token) are capped as the model's forward caps every logit: the loss equals PEFT's."""
+    model = make_model("gemma3_text", final_logit_softcapping=0.5)
+    peft_model = peft_baseline(model, "soft_prompt")
+    patch(model)
+    bank = MemoryBank.soft_prompts(model, slots=1, length=VIRTUAL_TOKENS).load_peft(peft_model, slot=0)
+    ids, mask, labels, _ = make_batch([5, 5])
+    expected = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+    with inject(model, bank, torch.tensor([0, 0])):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert max_diff(out.logits, expected.logits[:, VIRTUAL_TOKENS:]) < ATOL
+    assert max_diff(out.loss, expected.loss) < ATOL
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_equals_rows_alone(arch, kind):

@@ -533,6 +533,22 @@ def test_unknown_or_unsupported_backend():
             call(odd, backend="native")
 
 
+def test_backend_registry_loads_its_modules():
+    """Each entry's load() imports the module its name and messages refer to; unknown names say the choices."""
+    for name, backend in backends.BACKENDS.items():
+        assert backend.name == name
+        reason = backends.unavailable_reason(name)
+        if reason is None or not reason.startswith(f"import of {backend.module} failed"):
+            assert backend.load().__name__ == backend.module
+        if reason is None:
+            assert backends.load(name) is backend.load()
+        else:
+            with pytest.raises(RuntimeError, match=f"backend {name!r} is not available"):
+                backends.load(name)
+    with pytest.raises(ValueError, match="choose one of 'auto', 'torch', 'triton', 'native'"):
+        backends.load("cudnn")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -59,10 +59,12 @@ def continuation_logprob(model, prompt: list[int], tokens: list[int], memory: di
 
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
-@pytest.mark.parametrize("arch", [*ARCHS, "llama-eager"])
+@pytest.mark.parametrize("arch", [*ARCHS, "llama-eager", "gemma3_text-softcap"])
 def test_greedy_equals_hf_generate(arch, kind):
-    model = make_model(arch.removesuffix("-eager"))
-    if arch.endswith("-eager"):
+    """Per architecture; also eager attention, and Gemma 3 with final logit soft-capping (fastmem's own head)."""
+    name, _, variant = arch.partition("-")
+    model = make_model(name, **({"final_logit_softcapping": 0.5} if variant == "softcap" else {}))
+    if variant == "eager":
         model.set_attn_implementation("eager")
     model = patch(model)
     memory, prompts = memory_args(model, kind), make_prompts()

@@ -17,6 +17,8 @@ Shapes are read from the config the same way for every row (`model_shape`).
 | gemma3_text| Gemma 3 (text) | local (sliding) and global layers by `config.layer_types`, one RoPE base per   |
 |            |                | layer type; q/k RMSNorm; scaling from `query_pre_attn_scalar`; embeddings      |
 |            |                | scaled inside the embedding module (soft prompts unscaled, as PEFT's)          |
+|            |                | optional `final_logit_softcapping`: fastmem's decoder-only passes cap their    |
+|            |                | logits as the model does (`fastmem.hf.shared_prefix.output_logits`)            |
 
 transformers >= 4.56 (`MIN_TRANSFORMERS`; tested with `TESTED_TRANSFORMERS`, PEFT 0.21.2, by
 `scripts/compat.sh`). Caches and rotary embeddings a forward may hand fastmem: `fastmem.hf.support`.

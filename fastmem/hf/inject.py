@@ -76,8 +76,6 @@ class _Injection:
         return self.cached[1]
 
     def before_forward(self, module, args, kwargs):
-        if CONTEXT_KEYWORD in kwargs:   # a forward fastmem itself started (soft-prompt pass)
-            return None
         self.pending = None
         kwargs = {**dict(zip(self.parameter_names, args)), **kwargs}
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -118,7 +116,7 @@ class _Injection:
         return (), kwargs
 
     def after_forward(self, module, args, kwargs, output):
-        if self.pending is None or kwargs.get(CONTEXT_KEYWORD) is not self.pending[0]:
+        if self.pending is None:
             return None
         context, first_token, labels, return_dict = self.pending
         self.pending = None

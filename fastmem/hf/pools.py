@@ -86,7 +86,11 @@ def memory_lengths(slot_lengths: Tensor, index: Tensor) -> Tensor:
 
 
 class MemorySource(Protocol):
-    """What `inject` accepts: a `MemoryBank`, a `KVPool`, or anything with these members."""
+    """What `inject` accepts: a `MemoryBank`, a `KVPool`, or anything with these members.
+
+    ``memory_for`` runs inside the model's forward (in `inject`'s pre-hook): a source that needs a forward
+    of its own runs ``model.get_decoder()``, as `fastmem.hf.soft_prompts` does, never the hooked ``model``.
+    """
     num_slots: int
 
     def validate(self, model) -> None: ...

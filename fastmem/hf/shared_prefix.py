@@ -3,7 +3,8 @@
 Many rows then continue those slots (the samples of `fastmem.sample`, the traces of
 `fastmem.MemoryTrainer`). These forwards call the decoder directly with an explicit handler and explicit
 positions: no cache, no padding mask (every batch is right padded, which causal attention needs no mask
-for).
+for). `output_logits` and `token_logprobs` turn final hidden states into logits and log-probabilities as the
+model's own forward would (soft prompts use the former for their decoder-only pass).
 """
 from __future__ import annotations
 
@@ -45,8 +46,14 @@ def run_after_memory(model, memory: Memory | None, input_ids: Tensor, *, past: i
 
 
 def output_logits(model, hidden: Tensor) -> Tensor:
-    """``[..., hidden]`` final hidden states -> ``[..., V]`` logits (the supported models apply only the head)."""
-    return model.get_output_embeddings()(hidden)
+    """``[..., hidden]`` final hidden states -> ``[..., V]`` logits in the head's dtype, as the model's forward
+    makes them: the output head, then ``tanh(logits / cap) * cap`` when the config sets a
+    ``final_logit_softcapping`` cap (Gemma 3 may); the supported models do nothing else."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def token_logprobs(model, hidden: Tensor, targets: Tensor) -> Tensor:

@@ -1,4 +1,8 @@
-"""Soft prompts as a key/value pool: the model runs once over each distinct slot sequence a batch reads."""
+"""Soft prompts as a key/value pool: the decoder runs once over each distinct slot sequence a batch reads.
+
+It runs ``model.get_decoder()`` and applies the output head itself (`output_logits`), so this pass never goes
+through the forward hooks `fastmem.inject` puts on the model, though `inject` asks for it from inside them.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,16 +12,19 @@ from fastmem.hf.architectures import model_shape
 from fastmem.hf.attention import CONTEXT_KEYWORD
 from fastmem.hf.context import KVRecorder, needs_grad
 from fastmem.hf.pools import KVPool, Memory
+from fastmem.hf.shared_prefix import output_logits
 
 
-def soft_prompt_memory(model, prompts: Tensor, lengths: Tensor, index: Tensor, with_logits: bool) -> Memory:
-    """Soft prompts as a pool: run the model once per distinct slot sequence among the rows.
+def soft_prompt_memory(model, prompts: Tensor, lengths: Tensor, index: Tensor) -> Memory:
+    """Soft prompts as a pool: run the decoder once per distinct slot sequence among the rows.
 
     prompts ``[S, P, hidden]``, lengths ``[S]``, index ``[B, M]`` (-1 = none). A row's memory is its slots'
     first ``lengths[s]`` vectors, concatenated in order; since they come first and attention is causal,
     their keys and values depend on nothing else, so each distinct sequence runs once (right padded,
-    positions from 0) and rows attend to the result as a prefix. with_logits: also return the logits at
-    each row's last memory position (needed for the loss).
+    positions from 0) and rows attend to the result as a prefix. Returns a `Memory` whose pool has one slot
+    per distinct sequence (``[U, L, Hkv, D]`` per layer, the attention's keys and values), whose index is
+    ``[B, 1]`` (-1 for rows reading nothing), and whose lead_logits ``[B, V]`` are the logits at each row's
+    last memory position (they predict its first token, for the loss; None when no row reads a slot).
     """
     slot_lengths = lengths.tolist()
     sequences: dict[tuple[int, ...], int] = {}
@@ -43,12 +50,10 @@ def soft_prompt_memory(model, prompts: Tensor, lengths: Tensor, index: Tensor, w
     embeds = prompts.reshape(-1, prompts.shape[-1])[gather].to(model.dtype)   # [U, L, hidden]
     last = sequence_lengths - 1
     kept = last.unique()                                  # logits only where some sequence ends
-
     recorder = KVRecorder(needs_grad([prompts]))
-    out = model(inputs_embeds=embeds, attention_mask=valid.long(), use_cache=False,
-                logits_to_keep=kept if with_logits else 1, **{CONTEXT_KEYWORD: recorder})
-    lead_logits = None
-    if with_logits:
-        sequence_logits = out.logits[torch.arange(len(sequences), device=device), torch.searchsorted(kept, last)]
-        lead_logits = sequence_logits[row_index[:, 0].clamp(min=0)]
-    return Memory(recorder.pool(sequence_lengths), row_index, lead_logits)
+    # The decoder, not the model: `inject`'s hooks sit on the model's forward and never see this pass.
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=valid.long(), use_cache=False,
+                                 **{CONTEXT_KEYWORD: recorder}).last_hidden_state
+    sequence_logits = output_logits(model, hidden[:, kept])[torch.arange(len(sequences), device=device),
+                                                            torch.searchsorted(kept, last)]
+    return Memory(recorder.pool(sequence_lengths), row_index, sequence_logits[row_index[:, 0].clamp(min=0)])

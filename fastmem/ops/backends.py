@@ -1,23 +1,50 @@
 """Backend registry for prefix attention and the `auto` policy.
 
 A backend is a module with ``is_available()``, ``forward(...)`` and ``backward(...)`` as described in
-``docs/backend_contract.md``. Modules are imported lazily, so a missing Triton or native build only
-matters when that backend is asked for.
+``docs/backend_contract.md``. `BACKENDS` maps each name to a `Backend` whose ``load`` imports that module
+with a plain import statement inside a function: static analysis sees the import, and it only runs when
+the backend is first asked for, so a missing Triton or native build only matters then.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
 import torch
 
-BACKEND_MODULES = {
-    "torch": "fastmem.ops.torch_backend",
-    "triton": "fastmem.kernels.prefix_attention",
-    "native": "fastmem.ops.native",
-}
+
+@dataclass(frozen=True)
+class Backend:
+    """One prefix-attention backend: ``load()`` imports and returns its module (ImportError, or whatever a
+    broken build raises at import); ``module`` is that module's dotted path, for messages."""
+    name: str
+    module: str
+    load: Callable[[], ModuleType]
+
+
+def _load_torch() -> ModuleType:
+    from fastmem.ops import torch_backend
+    return torch_backend
+
+
+def _load_triton() -> ModuleType:
+    from fastmem.kernels import prefix_attention
+    return prefix_attention
+
+
+def _load_native() -> ModuleType:
+    from fastmem.ops import native
+    return native
+
+
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
+    Backend("torch", "fastmem.ops.torch_backend", _load_torch),
+    Backend("triton", "fastmem.kernels.prefix_attention", _load_triton),
+    Backend("native", "fastmem.ops.native", _load_native),
+)}
 
 # Head dims the fused kernels accept (the torch backend takes any).
 KERNEL_HEAD_DIMS = range(16, 257, 8)
@@ -33,21 +60,22 @@ AUTO_PREFERENCE = {
 
 def load(name: str) -> ModuleType:
     """The backend module ``name``; raises ValueError for unknown names, RuntimeError if unavailable."""
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKEND_MODULES))}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
     reason = unavailable_reason(name)
     if reason is not None:
         raise RuntimeError(f"prefix_attention backend {name!r} is not available: {reason}")
-    return importlib.import_module(BACKEND_MODULES[name])
+    return BACKENDS[name].load()
 
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(name: str) -> str | None:
     """None when backend ``name`` can run here, else why not (checked once per process)."""
+    backend = BACKENDS[name]
     try:
-        module = importlib.import_module(BACKEND_MODULES[name])
+        module = backend.load()
     except Exception as error:  # ImportError, or a broken build raising at import
-        return f"import of {BACKEND_MODULES[name]} failed ({type(error).__name__}: {error})"
+        return f"import of {backend.module} failed ({type(error).__name__}: {error})"
     if not module.is_available():
         return getattr(module, "UNAVAILABLE_REASON", "its is_available() returned False")
     return None
@@ -62,7 +90,7 @@ def supports(name: str, device: torch.device, dtype: torch.dtype, head_dim: int)
     if name == "triton":
         return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if name == "native":
-        return device.type == "cpu" or importlib.import_module(BACKEND_MODULES[name]).cuda_available()
+        return device.type == "cpu" or _load_native().cuda_available()
     return False
 
 

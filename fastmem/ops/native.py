@@ -28,7 +28,9 @@ except Exception as _error:  # ImportError (not built), or a broken build
 else:
     UNAVAILABLE_REASON = None
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The compiled module's dtype codes (empty without it: `_lib()` raises before they are read).
+_DTYPE_CODES = {} if _native is None else {
+    torch.float32: _native.FLOAT32, torch.float16: _native.FLOAT16, torch.bfloat16: _native.BFLOAT16}
 
 
 def is_available() -> bool:
