@@ -37,7 +37,9 @@ class Workload:
     differentiates (their gradients are returned in that order). End-to-end workloads may hold any
     object among their inputs (a model, token lists). ``work``: what one call does, as ``(amount, unit)``
     (e.g. ``(16, "problems")``), reported as a rate per second. ``compared``: whether the providers'
-    outputs can be compared (not for random samples drawn from different generators). ``bytes_read``: the
+    outputs can be compared (not for random samples drawn from different generators). ``baseline_flops``:
+    the forward FLOPs the baseline executes, where it does more than the useful ``forward_flops`` (SDPA
+    over concatenated keys computes the masked ones too), for the ``efficiency`` target. ``bytes_read``: the
     bytes one call must at least read from memory (weights, keys, values), for the roofline: a call's lower
     bound is max(bytes_read / copy bandwidth, FLOPs / matmul ceiling), both measured in the same run.
     ``peak_memory``: whether its cases' peak memory is measured (not when they compute in other processes)."""
@@ -51,13 +53,15 @@ class Workload:
     compared: bool = True
     bytes_read: float | None = None
     peak_memory: bool = True
+    baseline_flops: float | None = None
 
 
 @dataclass(frozen=True)
 class Target:
     """A threshold: ``speedup`` over the baseline (or over the provider named ``against``, in the same
-    comparison), ``ceiling`` fraction of the matmul FLOP/s, or ``roofline``: the call's lower bound
-    (see `Workload`) over its time."""
+    comparison), ``ceiling`` fraction of the matmul FLOP/s, ``roofline``: the call's lower bound
+    (see `Workload`) over its time, or ``efficiency``: its useful FLOP/s over the FLOP/s the baseline
+    executes (``Workload.baseline_flops``), i.e. its fraction of the ceiling over the baseline's."""
     metric: str
     at_least: float
     against: str | None = None
@@ -65,6 +69,8 @@ class Target:
     def label(self) -> str:
         if self.metric == "speedup":
             return f">={self.at_least:g}x" + (f" vs {self.against}" if self.against else "")
+        if self.metric == "efficiency":
+            return f">={self.at_least:g}x the baseline's FLOP efficiency"
         return f">={self.at_least:.0%} of {self.metric}"
 
 
@@ -341,12 +347,16 @@ def report_rows(measurements: list[Measurement], ceiling_flops_per_s: float,
         if case.workload.bytes_read is not None and bandwidth_bytes_per_s:
             bound_s = max(case.workload.bytes_read / bandwidth_bytes_per_s, (case.flops or 0) / ceiling_flops_per_s)
         roofline = bound_s / (median / 1e3) if bound_s else None
+        efficiency = None
+        if baseline and not case.is_baseline and ratio and case.flops and case.workload.baseline_flops:
+            efficiency = ratio * case.workload.forward_flops / case.workload.baseline_flops
 
         def value(target: Target) -> float | None:
             if target.metric == "speedup" and target.against:
                 other = medians.get((case.comparison, target.against))
                 return other / median if other else None
-            return {"speedup": ratio, "ceiling": ceiling_fraction, "roofline": roofline}[target.metric]
+            return {"speedup": ratio, "ceiling": ceiling_fraction, "roofline": roofline,
+                    "efficiency": efficiency}[target.metric]
         rows.append(dict(
             id=case.id, section=case.workload.section, case=case.workload.name, provider=case.provider,
             mode=case.mode, shape=case.workload.shape, baseline=baseline.case.provider if baseline else None,
@@ -416,6 +426,11 @@ def target_lines(rows: list[dict]) -> list[str]:
             elif target["metric"] == "limit":   # an absolute bound (bench/store.py): at most at_most
                 reached = f"{target['label']} {value:.3g} {target['unit']}"
                 short = f"{value - target['at_most']:.3g} {target['unit']}"
+            elif target["metric"] == "efficiency":
+                baseline_fraction = row["ceiling_fraction"] / value
+                reached = (f"{row['ceiling_fraction']:.1%} of the matmul ceiling, {value:.2f}x the "
+                           f"{row['baseline']}'s {baseline_fraction:.1%} on the FLOPs it executes")
+                short = f"{goal - value:.2f}x"
             elif target["metric"] == "roofline":
                 reached = (f"{value:.1%} of its roofline bound ({_number(row['bound_ms'])} ms: max(bytes / copy "
                            f"bandwidth, FLOPs / matmul ceiling))")

@@ -151,6 +151,17 @@ PYBIND11_MODULE(_native, m) {
   m.def("cpu_isas", &fastmem::pa::cpu::isas, "CPU builds of the kernels this CPU runs, widest first.");
   m.def("cpu_isa", &fastmem::pa::cpu::isa, "The CPU build forward_cpu / backward_cpu use.");
   m.def("set_cpu_isa", &fastmem::pa::cpu::set_isa, py::arg("name"), "Choose the CPU build (tests).");
+  m.def(
+      "cpu_tiles",
+      [] {
+        const fastmem::pa::cpu::Tiles t = fastmem::pa::cpu::tiles();
+        py::dict d;
+        d["micro_rows"] = t.micro_rows;
+        d["l2_bytes"] = t.l2_bytes;
+        return d;
+      },
+      "The active CPU build's tiles on this machine: rows per register micro-tile (timed on first use) and "
+      "the L2 size per core that bounds the query tile.");
   m.def("forward_cuda", &forward_cuda, py::arg("params"), nogil,
         "Launches the forward on params.stream (CUDA tensors); asynchronous.");
   m.def("backward_cuda", &backward_cuda, py::arg("params"), nogil,

@@ -49,6 +49,13 @@ struct Params {
 };
 
 namespace cpu {
+// What the CPU kernels tile by on this machine, chosen once per process (prefix_attention_cpu_dispatch.cpp):
+// rows per register micro-tile, timed per build; the L2 size per core, which bounds the query tile.
+struct Tiles {
+  int micro_rows = 0;
+  int64_t l2_bytes = 0;
+};
+Tiles tiles();                          // the active build's
 void forward(const Params& p);
 void backward(const Params& p);
 std::vector<std::string> isas();        // builds this CPU runs, widest first

@@ -11,14 +11,17 @@
 // recomputed, dP = dO V^T, dS = P (dP - delta); dq of the query tile, and dk / dv of the row's own keys
 // and of each pool use, accumulate in the item's fp32 buffers. Pool gradients leave as fp32 per-use
 // partials, reduced per slot in (b, m) order (the bits of sum_into_slots on them, then a cast).
+// Tiles (prefix_attention.h, Tiles): the register micro-tile height is timed once per machine and never
+// changes a bit; the query tile follows the L2 size (choose_query_tile).
 // Determinism: every output element is written by one item, whose arithmetic depends only on the
-// fixed tile grids (never on the thread that runs it or on the thread count).
+// tile grids, fixed by the machine and the shape (never on the thread that runs it or on the thread count).
 #include <algorithm>
 #include <atomic>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <time.h>
 #include <type_traits>
 #include <vector>
 
@@ -37,10 +40,10 @@ namespace FASTMEM_CPU_ISA {
 namespace {
 
 using cpu_math::exp_nonpositive;
+using cpu_math::exp_shifted_row;
 using cpu_math::tile_product;
 
 constexpr int64_t kKeyTile = 64;    // keys per tile; S / P tiles are kKeyTile wide
-constexpr int64_t kQueryTile = 32;  // queries per tile (per head of the GQA group)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -150,11 +153,24 @@ Rows tile_rows(const TensorArg& t, int64_t a, int64_t r0, int64_t n, int64_t h, 
   return Rows{scratch, d};
 }
 
+// Queries per tile (per head of the GQA group): 32, halved while the query tile's fp32 rows (Q, dO or
+// the output accumulator, S, dP: rows x (2 D + 2 kKeyTile) floats), which every key tile reads again,
+// would take more than half this core's L2 (the rest holds K / V tiles and outputs). 32 measured
+// best on Zen 4 (64: 6% slower forward, 13% fwd+bwd: more of the causal diagonal is masked work).
+// Depends on the machine and the shape only, never on the thread count: results stay bit-stable.
+int64_t choose_query_tile(int64_t group, int64_t d, int64_t l2_bytes) {
+  int64_t tile = 32;
+  while (tile > 8 && group * tile * (2 * d + 2 * kKeyTile) * (int64_t)sizeof(float) > l2_bytes / 2) tile /= 2;
+  return tile;
+}
+
 struct Dims {
-  int64_t B, Tq, Tk, Hq, Hkv, D, S, P, M, group;
-  explicit Dims(const Params& p)
+  int64_t B, Tq, Tk, Hq, Hkv, D, S, P, M, group, query_tile;
+  int micro_rows;
+  Dims(const Params& p, const Tiles& t)
       : B(p.batch), Tq(p.q_len), Tk(p.k_len), Hq(p.q_heads), Hkv(p.kv_heads), D(p.head_dim),
-        S(p.num_slots), P(p.prefix_len), M(p.uses), group(p.q_heads / p.kv_heads) {}
+        S(p.num_slots), P(p.prefix_len), M(p.uses), group(p.q_heads / p.kv_heads),
+        query_tile(choose_query_tile(group, D, t.l2_bytes)), micro_rows(t.micro_rows) {}
 };
 
 // One key tile a query tile may see: n keys of `keys`/`values` starting at row `first` of dim 1,
@@ -227,7 +243,7 @@ void mask_outside(float* row, int64_t width, int64_t lo, int64_t hi) {
   std::fill(row + std::max(lo, hi), row + width, -INFINITY);
 }
 
-// fp32 scratch of one query tile (rows = group * kQueryTile at most); contents are never assumed.
+// fp32 scratch of one query tile (rows = group * query_tile at most); contents are never assumed.
 struct QueryTileScratch {
   std::vector<float> q, dout, acc, kt, vt, k_rows, v_rows, s, dp;
   std::vector<int64_t> lo, hi;
@@ -256,14 +272,14 @@ void load_query_rows(const TensorArg& t, const Dims& s, int64_t b, int64_t hk, i
 // Forward.
 // ---------------------------------------------------------------------------------------------
 template <class T>
-void forward_impl(const Params& p) {
-  const Dims s(p);
-  const int64_t D = s.D, nqb = ceil_div(s.Tq, kQueryTile);
+void forward_impl(const Params& p, const Tiles& tiles) {
+  const Dims s(p, tiles);
+  const int64_t D = s.D, nqb = ceil_div(s.Tq, s.query_tile);
   float* lse = reinterpret_cast<float*>(p.lse);
 
   parallel_for(s.B * s.Hkv * nqb, p.num_threads, [&](int64_t item) {
     const int64_t qb = item % nqb, hk = (item / nqb) % s.Hkv, b = item / (nqb * s.Hkv);
-    const int64_t i0 = qb * kQueryTile, nq = std::min(kQueryTile, s.Tq - i0), rows = s.group * nq;
+    const int64_t i0 = qb * s.query_tile, nq = std::min(s.query_tile, s.Tq - i0), rows = s.group * nq;
     QueryTileScratch& w = thread_scratch(rows, D);
     std::vector<SoftmaxRow> st((size_t)rows);
     load_query_rows<T>(p.q, s, b, hk, i0, nq, w.q.data());
@@ -276,7 +292,7 @@ void forward_impl(const Params& p) {
       const Rows values = tile_rows<T>(*tile.values, tile.owner, tile.first, tile.n, hk, D, w.v_rows.data());
       const int64_t width = tile_width(tile.n);
       pack_transposed(keys.ptr, keys.ld, tile.n, D, w.kt.data());
-      tile_product<false>(rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
+      tile_product<false>(s.micro_rows, rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
       visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
       for (int64_t r = 0; r < rows; ++r) {
         float* srow = w.s.data() + r * kKeyTile;
@@ -287,7 +303,7 @@ void forward_impl(const Params& p) {
           continue;
         }
         const float alpha = exp_nonpositive(st[r].max - new_max);  // 0 on the first visible tile
-        for (int64_t j = 0; j < width; ++j) srow[j] = exp_nonpositive(srow[j] - new_max);
+        exp_shifted_row(srow, width, new_max);
         st[r].sum = st[r].sum * alpha + row_sum(srow, width);
         st[r].max = new_max;
         if (alpha != 1.0f) {
@@ -295,7 +311,7 @@ void forward_impl(const Params& p) {
           for (int64_t c = 0; c < D; ++c) acc[c] *= alpha;
         }
       }
-      tile_product<true>(rows, D, tile.n, w.s.data(), kKeyTile, 1, values.ptr, values.ld, w.acc.data(), D);
+      tile_product<true>(s.micro_rows, rows, D, tile.n, w.s.data(), kKeyTile, 1, values.ptr, values.ld, w.acc.data(), D);
     });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
@@ -309,7 +325,7 @@ void forward_impl(const Params& p) {
 // ---------------------------------------------------------------------------------------------
 template <class T>
 void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
-  const int64_t D = s.D, rows_max = s.group * kQueryTile;
+  const int64_t D = s.D, rows_max = s.group * s.query_tile;
   const float* lse = reinterpret_cast<const float*>(p.lse);
   float* delta = reinterpret_cast<float*>(p.delta);
   QueryTileScratch& w = thread_scratch(rows_max, D);
@@ -318,8 +334,8 @@ void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
   std::vector<float> dk_own(s.Tk * D, 0.0f), dv_own(s.Tk * D, 0.0f);
   std::vector<float> dk_pool(s.M * s.P * D, 0.0f), dv_pool(s.M * s.P * D, 0.0f);
 
-  for (int64_t i0 = 0; i0 < s.Tq; i0 += kQueryTile) {
-    const int64_t nq = std::min(kQueryTile, s.Tq - i0), rows = s.group * nq;
+  for (int64_t i0 = 0; i0 < s.Tq; i0 += s.query_tile) {
+    const int64_t nq = std::min(s.query_tile, s.Tq - i0), rows = s.group * nq;
     load_query_rows<T>(p.q, s, b, hk, i0, nq, w.q.data());
     load_query_rows<T>(p.grad_out, s, b, hk, i0, nq, w.dout.data());
     for (int64_t r = 0; r < rows; ++r) {
@@ -337,8 +353,8 @@ void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
       const int64_t width = tile_width(n);
       pack_transposed(keys.ptr, keys.ld, n, D, w.kt.data());
       pack_transposed(values.ptr, values.ld, n, D, w.vt.data());
-      tile_product<false>(rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
-      tile_product<false>(rows, width, D, w.dout.data(), D, 1, w.vt.data(), kKeyTile, w.dp.data(), kKeyTile);
+      tile_product<false>(s.micro_rows, rows, width, D, w.q.data(), D, 1, w.kt.data(), kKeyTile, w.s.data(), kKeyTile);
+      tile_product<false>(s.micro_rows, rows, width, D, w.dout.data(), D, 1, w.vt.data(), kKeyTile, w.dp.data(), kKeyTile);
       visible_columns(p, s, tile, b, i0, nq, rows, w.lo.data(), w.hi.data());
       for (int64_t r = 0; r < rows; ++r) {  // s <- p, dp <- ds = p (dp - delta)
         float* prow = w.s.data() + r * kKeyTile;
@@ -347,14 +363,14 @@ void backward_item(const Params& p, const Dims& s, int64_t b, int64_t hk) {
         const float lse_r = sees_keys ? row_lse[r] : 0.0f, delta_r = row_delta[r];
         for (int64_t j = 0; j < width; ++j) prow[j] *= p.scale;
         mask_outside(prow, width, sees_keys ? w.lo[r] : width, w.hi[r]);
-        for (int64_t j = 0; j < width; ++j) prow[j] = exp_nonpositive(prow[j] - lse_r);
+        exp_shifted_row(prow, width, lse_r);
         for (int64_t j = 0; j < width; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta_r);
       }
       float* dk = tile.use < 0 ? dk_own.data() + tile.first * D : dk_pool.data() + (tile.use * s.P + tile.first) * D;
       float* dv = tile.use < 0 ? dv_own.data() + tile.first * D : dv_pool.data() + (tile.use * s.P + tile.first) * D;
-      tile_product<true>(n, D, rows, w.s.data(), 1, kKeyTile, w.dout.data(), D, dv, D);     // dv += P^T dO
-      tile_product<true>(n, D, rows, w.dp.data(), 1, kKeyTile, w.q.data(), D, dk, D);       // dk += dS^T Q
-      tile_product<true>(rows, D, n, w.dp.data(), kKeyTile, 1, keys.ptr, keys.ld, w.acc.data(), D);  // dq += dS K
+      tile_product<true>(s.micro_rows, n, D, rows, w.s.data(), 1, kKeyTile, w.dout.data(), D, dv, D);     // dv += P^T dO
+      tile_product<true>(s.micro_rows, n, D, rows, w.dp.data(), 1, kKeyTile, w.q.data(), D, dk, D);       // dk += dS^T Q
+      tile_product<true>(s.micro_rows, rows, D, n, w.dp.data(), kKeyTile, 1, keys.ptr, keys.ld, w.acc.data(), D);  // dq += dS K
     });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = hk * s.group + r / nq, i = i0 + r % nq;
@@ -398,39 +414,57 @@ void reduce_slot_item(const Params& p, const Dims& s, int64_t item) {
 }
 
 template <class T>
-void backward_impl(const Params& p) {
-  const Dims s(p);
+void backward_impl(const Params& p, const Tiles& tiles) {
+  const Dims s(p, tiles);
   parallel_for(s.B * s.Hkv, p.num_threads,
                [&](int64_t item) { backward_item<T>(p, s, item / s.Hkv, item % s.Hkv); });
   parallel_for(s.S * s.P, p.num_threads, [&](int64_t item) { reduce_slot_item<T>(p, s, item); });
 }
 
 template <template <class> class Impl>
-void by_dtype(const Params& p) {
+void by_dtype(const Params& p, const Tiles& tiles) {
   if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) throw std::invalid_argument("q_heads % kv_heads != 0");
   if (p.head_dim % kLanes != 0) throw std::invalid_argument("head_dim must be a multiple of 8");
   if (p.q_len > p.k_len) throw std::invalid_argument("q_len must be <= k_len");
   switch (p.dtype) {
-    case kFloat32: return Impl<float>::run(p);
-    case kFloat16: return Impl<half_t>::run(p);
-    case kBFloat16: return Impl<bf16_t>::run(p);
+    case kFloat32: return Impl<float>::run(p, tiles);
+    case kFloat16: return Impl<half_t>::run(p, tiles);
+    case kBFloat16: return Impl<bf16_t>::run(p, tiles);
   }
   throw std::invalid_argument("unsupported dtype code");
 }
 
 template <class T>
 struct Forward {
-  static void run(const Params& p) { forward_impl<T>(p); }
+  static void run(const Params& p, const Tiles& tiles) { forward_impl<T>(p, tiles); }
 };
 template <class T>
 struct Backward {
-  static void run(const Params& p) { backward_impl<T>(p); }
+  static void run(const Params& p, const Tiles& tiles) { backward_impl<T>(p, tiles); }
 };
 
 }  // namespace
 
-void forward(const Params& p) { by_dtype<Forward>(p); }
-void backward(const Params& p) { by_dtype<Backward>(p); }
+void forward(const Params& p, const Tiles& tiles) { by_dtype<Forward>(p, tiles); }
+void backward(const Params& p, const Tiles& tiles) { by_dtype<Backward>(p, tiles); }
+
+std::vector<int> micro_row_choices() { return {cpu_math::kRowsFew, cpu_math::kRowsMany}; }
+
+// Thread CPU seconds of `reps` forward S = Q K^T products of one query tile (GQA 4 x 32 rows, a key
+// tile, D = 64: the shape of the benchmark and of most models) with micro_rows rows per micro-tile.
+// CPU time, not wall time, so that another process sharing the core does not decide the choice.
+double time_micro_rows(int micro_rows, int reps) {
+  constexpr int64_t rows = 128, d = 64;
+  std::vector<float> q(rows * d), kt(d * kKeyTile), s(rows * kKeyTile);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = (float)(i % 7) * 0.125f;
+  for (size_t i = 0; i < kt.size(); ++i) kt[i] = (float)(i % 5) * 0.25f;
+  timespec start, end;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &start);
+  for (int r = 0; r < reps; ++r)
+    tile_product<false>(micro_rows, rows, kKeyTile, d, q.data(), d, 1, kt.data(), kKeyTile, s.data(), kKeyTile);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &end);
+  return (double)(end.tv_sec - start.tv_sec) + 1e-9 * (double)(end.tv_nsec - start.tv_nsec);
+}
 
 }  // namespace FASTMEM_CPU_ISA
 }  // namespace cpu

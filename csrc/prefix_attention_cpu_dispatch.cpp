@@ -1,7 +1,12 @@
 // Picks the CPU backend build (prefix_attention_cpu.cpp compiled once per ISA) that this CPU runs:
-// the widest of avx512 / avx2 / base, or the one named by set_isa (tests run each build they can).
+// the widest of avx512 / avx2 / base, or the one named by set_isa (tests run each build they can),
+// and its tiles on this machine (Tiles): the micro-tile height by a few milliseconds of timing the
+// first time the build runs, the L2 size from the C library.
+#include <algorithm>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "prefix_attention.h"
@@ -10,10 +15,12 @@ namespace fastmem {
 namespace pa {
 namespace cpu {
 
-#define FASTMEM_DECLARE_ISA(isa)     \
-  namespace isa {                    \
-  void forward(const Params& p);     \
-  void backward(const Params& p);    \
+#define FASTMEM_DECLARE_ISA(isa)                      \
+  namespace isa {                                     \
+  void forward(const Params& p, const Tiles& tiles);  \
+  void backward(const Params& p, const Tiles& tiles); \
+  std::vector<int> micro_row_choices();               \
+  double time_micro_rows(int micro_rows, int reps);   \
   }
 FASTMEM_DECLARE_ISA(base)
 #ifdef FASTMEM_CPU_HAS_AVX2
@@ -28,8 +35,10 @@ namespace {
 
 struct Build {
   const char* name;
-  void (*forward)(const Params&);
-  void (*backward)(const Params&);
+  void (*forward)(const Params&, const Tiles&);
+  void (*backward)(const Params&, const Tiles&);
+  std::vector<int> (*micro_row_choices)();
+  double (*time_micro_rows)(int, int);
   bool runs_here;
 };
 
@@ -52,12 +61,15 @@ bool cpu_has(const char* feature) {
 const std::vector<Build>& builds() {
   static const std::vector<Build> all = {
 #ifdef FASTMEM_CPU_HAS_AVX512
-      {"avx512", &avx512::forward, &avx512::backward, cpu_has("avx512")},
+      {"avx512", &avx512::forward, &avx512::backward, &avx512::micro_row_choices, &avx512::time_micro_rows,
+       cpu_has("avx512")},
 #endif
 #ifdef FASTMEM_CPU_HAS_AVX2
-      {"avx2", &avx2::forward, &avx2::backward, cpu_has("avx2")},
+      {"avx2", &avx2::forward, &avx2::backward, &avx2::micro_row_choices, &avx2::time_micro_rows,
+       cpu_has("avx2")},
 #endif
-      {"base", &base::forward, &base::backward, true},
+      {"base", &base::forward, &base::backward, &base::micro_row_choices, &base::time_micro_rows,
+       true},
   };
   return all;
 }
@@ -71,6 +83,40 @@ const Build* best() {
 const Build*& active() {
   static const Build* chosen = best();
   return chosen;
+}
+
+// L2 per core from the C library (glibc reads CPUID); 256 KiB, the smallest L2 of an AVX2 x86, where
+// it cannot tell.
+int64_t l2_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (size > 0) return size;
+#endif
+  return 256 * 1024;
+}
+
+// The micro-tile height that multiplies fastest here: each choice timed in 5 alternating rounds of 20
+// tile products (about 5 ms in all), the least thread CPU time of its rounds kept (a round another
+// process interrupts only loses); a tie keeps the first, smaller choice.
+int fastest_micro_rows(const Build& b) {
+  const std::vector<int> choices = b.micro_row_choices();
+  std::vector<double> best_s(choices.size(), 1e30);
+  for (size_t c = 0; c < choices.size(); ++c) b.time_micro_rows(choices[c], 5);  // warm-up
+  for (int round = 0; round < 5; ++round)
+    for (size_t c = 0; c < choices.size(); ++c) best_s[c] = std::min(best_s[c], b.time_micro_rows(choices[c], 20));
+  return choices[std::min_element(best_s.begin(), best_s.end()) - best_s.begin()];
+}
+
+// The build's tiles, chosen the first time it is asked for.
+const Tiles& tiles_of(const Build& b) {
+  static std::mutex mutex;
+  static std::vector<std::pair<const Build*, Tiles>> chosen;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& entry : chosen)
+    if (entry.first == &b) return entry.second;
+  chosen.reserve(builds().size());  // never reallocates: references handed out stay valid
+  chosen.emplace_back(&b, Tiles{fastest_micro_rows(b), l2_bytes()});
+  return chosen.back().second;
 }
 
 }  // namespace
@@ -97,8 +143,10 @@ void set_isa(const std::string& name) {
   throw std::invalid_argument("unknown CPU build '" + name + "' (built: " + known + ")");
 }
 
-void forward(const Params& p) { active()->forward(p); }
-void backward(const Params& p) { active()->backward(p); }
+Tiles tiles() { return tiles_of(*active()); }
+
+void forward(const Params& p) { active()->forward(p, tiles_of(*active())); }
+void backward(const Params& p) { active()->backward(p, tiles_of(*active())); }
 
 }  // namespace cpu
 }  // namespace pa

@@ -85,10 +85,12 @@ def test_smoke_run_reports_every_row(tmp_path):
 
     assert {row["provider"] for row in rows if row["targets"]} == {
         auto, "fastmem MemoryTrainer", "fastmem.sample", "fastmem OnlineLearner", ranks.TWO_PROCESSES}
-    # One summary line per target: speedup and ceiling for 2 attention workloads x 2 modes, speedup for decode,
-    # for both train workloads, for sample and for loop (against PEFT, and 2 processes against 1).
+    # One summary line per target: speedup, ceiling and (on CPU) FLOP efficiency against SDPA's for 2 attention
+    # workloads x 2 modes, speedup for decode, for both train workloads, for sample and for loop (against PEFT,
+    # and 2 processes against 1).
     summary = [line for line in table.splitlines() if line.startswith("- ") and "; target >=" in line]
-    assert len(summary) == 2 * 2 * 2 + 1 + 2 + 1 + 2
+    assert len(summary) == 2 * 2 * 3 + 1 + 2 + 1 + 2
+    assert sum("the PEFT way's" in line and "on the FLOPs it executes" in line for line in summary) == 4
     assert sum("problems/s); target" in line for line in summary) == 4
     assert sum("tokens/s); target" in line for line in summary) == 1
     for name in ("train", "sample", "loop"):

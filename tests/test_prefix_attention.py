@@ -223,6 +223,17 @@ def test_cpu_build_bits_do_not_depend_on_thread_count(cpu_build):
             assert torch.equal(grad, first)
 
 
+@pytest.mark.parametrize("cpu_build", native_cpu_builds(), indirect=True)
+def test_cpu_build_reports_its_tiles(cpu_build):
+    """Each build times its micro-tile height among its two choices (AVX-512: 4 or 8 rows; AVX2 and SSE:
+    3 or 6) and reads a positive L2 size."""
+    from fastmem.ops import native
+    tiles = native.cpu_tiles()
+    assert tiles["isa"] == cpu_build
+    assert tiles["micro_rows"] in ((4, 8) if cpu_build == "avx512" else (3, 6))
+    assert tiles["l2_bytes"] > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_deterministic(backend):
     case = CASES[2]

@@ -43,6 +43,13 @@ def cuda_available() -> bool:
     return _native is not None and bool(_native.has_cuda()) and torch.cuda.is_available()
 
 
+def cpu_tiles() -> dict:
+    """How the CPU kernels run on this machine: ``{"isa", "micro_rows", "l2_bytes"}``, the ISA build in use,
+    its rows per register micro-tile (timed on first use) and the L2 size per core bounding its query tile."""
+    lib = _lib()
+    return dict(isa=lib.cpu_isa(), **lib.cpu_tiles())
+
+
 def _lib():
     if _native is None:
         raise RuntimeError(f"the native prefix_attention backend is not available: {UNAVAILABLE_REASON}")
