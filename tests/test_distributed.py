@@ -2,7 +2,6 @@
 and --resume after it; shares of a batch and bad launches."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
