@@ -96,10 +96,13 @@ def learner_config(args):
     return LearnerConfig(**{item.name: getattr(args, item.name) for item in fields(LearnerConfig)})
 
 
+ERROR_PREFIX = "fastmem run: error: "   # every one-line error of the run command starts so
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
     """argparse's errors without the usage block: ``fastmem run: error: argument --n: ...``."""
     def error(message: str):
-        parser.exit(2, f"fastmem run: error: {message}\n")
+        parser.exit(2, f"{ERROR_PREFIX}{message}\n")
 
     parser.error = error
 
@@ -162,7 +165,7 @@ def check_run_args(args) -> None:
 
 
 def _fail(message: str):
-    raise SystemExit(f"fastmem run: error: {message}")
+    raise SystemExit(f"{ERROR_PREFIX}{message}")
 
 
 def read_questions(args) -> list[dict]:
@@ -212,7 +215,7 @@ def run(args) -> dict:
         # threads can still be joinable, and std::terminate aborts the process (SIGABRT, 1 exit in 30 on a
         # loaded machine) instead of exiting 1. Nothing is lost: the last committed batch is on disk, SQLite
         # rolls back the writer's open transaction, and the store's lock goes with the process.
-        print(f"fastmem run: error: {error}. On disk: the last committed batch; continue with --resume",
+        print(f"{ERROR_PREFIX}{error}. On disk: the last committed batch; continue with --resume",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
