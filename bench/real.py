@@ -278,12 +278,14 @@ def decode_workload(settings: "Settings", shape: RealShape, spec: RealModel, row
 def fastmem_decode_steps(shape: RealShape):
     """``decode_steps`` iterations of `fastmem.sample`'s decode loop body: sample the next tokens from the
     logits (temperature 1, over the whole vocabulary), copy tokens and log-probabilities to the host, run the
-    decoder step (every layer, the head)."""
+    decoder step (every layer, the head; its linears in `few_row_linears`, as `fastmem.sample` runs them)."""
     def compute(inputs):
         from fastmem.sampling import _next_tokens
 
+        from fastmem.ops.linear import few_row_linears
+
         decoder, logits = inputs["decoder"], inputs["logits"]
-        with torch.inference_mode():
+        with torch.inference_mode(), few_row_linears(decoder.model):
             for _ in range(shape.decode_steps):
                 decoder.filled = shape.decode_filled
                 draws = torch.rand(len(logits), generator=inputs["generator"], device=logits.device)
@@ -296,7 +298,8 @@ def fastmem_decode_steps(shape: RealShape):
 
 FASTMEM_DECODE = "fastmem decode step (model + sampling)"
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+FEW_ROW_OP = "fastmem::few_row_linear"
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", FEW_ROW_OP}
 ATTENTION_OPS = {"fastmem::prefix_attention_forward"}
 COPY_OPS = {"aten::copy_", "aten::index_put_", "aten::cat", "aten::index", "aten::index_select", "aten::clone",
             "aten::contiguous", "aten::stack", "aten::fill_", "aten::zero_"}
@@ -323,8 +326,17 @@ def decode_profile(inputs: dict, filled: int) -> dict[str, float]:
 
     from fastmem.sampling import _next_tokens
 
+    from fastmem.ops import native
+    from fastmem.ops.linear import few_row_linears
+
+    kernel = native.few_row_linear
+
+    def recorded(*args):   # the few-row kernel is a pybind call, not an op: name it for the profiler
+        with torch.profiler.record_function(FEW_ROW_OP):
+            return kernel(*args)
+
     decoder, logits = inputs["decoder"], inputs["logits"]
-    with torch.inference_mode():
+    with torch.inference_mode(), few_row_linears(decoder.model):
         decoder.filled = filled
         draws = torch.rand(len(logits), generator=inputs["generator"], device=logits.device)
         tokens, _ = _next_tokens(logits, 1.0, 1.0, draws)
@@ -334,10 +346,14 @@ def decode_profile(inputs: dict, filled: int) -> dict[str, float]:
         tokens, logprobs = _next_tokens(logits, 1.0, 1.0, draws)
         tokens.tolist(), logprobs.tolist()
         sampling = time.perf_counter() - start
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            decoder.step(tokens)
-            step = time.perf_counter() - start
+        native.few_row_linear = recorded
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                decoder.step(tokens)
+                step = time.perf_counter() - start
+        finally:
+            native.few_row_linear = kernel
     parts = dict(matmuls=0.0, attention=0.0, copies=0.0, other_kernels=0.0)
     for event in prof.key_averages():
         seconds = event.self_cpu_time_total / 1e6

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "few_row_linear.h"
 #include "prefix_attention.h"
 #include "prefix_attention_tile.h"
 
@@ -14,6 +15,7 @@
 #endif
 
 namespace py = pybind11;
+using fastmem::pa::LinearArgs;
 using fastmem::pa::Params;
 using fastmem::pa::TensorArg;
 
@@ -143,11 +145,27 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("slot_offsets", &Params::slot_offsets)
       .def_readwrite("slot_uses", &Params::slot_uses);
 
+  py::class_<LinearArgs>(m, "LinearArgs", "Arguments of few_row_linear_cpu; see csrc/few_row_linear.h")
+      .def(py::init<>())
+      .def_readwrite("rows", &LinearArgs::rows)
+      .def_readwrite("in_features", &LinearArgs::in_features)
+      .def_readwrite("out_features", &LinearArgs::out_features)
+      .def_readwrite("x", &LinearArgs::x)
+      .def_readwrite("x_stride", &LinearArgs::x_stride)
+      .def_readwrite("weight", &LinearArgs::weight)
+      .def_readwrite("weight_stride", &LinearArgs::weight_stride)
+      .def_readwrite("bias", &LinearArgs::bias)
+      .def_readwrite("y", &LinearArgs::y)
+      .def_readwrite("y_stride", &LinearArgs::y_stride)
+      .def_readwrite("num_threads", &LinearArgs::num_threads);
+
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("forward_cpu", &fastmem::pa::cpu::forward, py::arg("params"), nogil,
         "Writes out and lse (CPU tensors).");
   m.def("backward_cpu", &fastmem::pa::cpu::backward, py::arg("params"), nogil,
         "Writes delta, dq, dk, dv, the per-use partials and dprefix_k / dprefix_v (CPU tensors).");
+  m.def("few_row_linear_cpu", &fastmem::pa::cpu::few_row_linear, py::arg("args"), nogil,
+        "Writes y = x W^T (+ bias), fp32 CPU tensors (the few-row kernel of the active CPU build).");
   m.def("cpu_isas", &fastmem::pa::cpu::isas, "CPU builds of the kernels this CPU runs, widest first.");
   m.def("cpu_isa", &fastmem::pa::cpu::isa, "The CPU build forward_cpu / backward_cpu use.");
   m.def("set_cpu_isa", &fastmem::pa::cpu::set_isa, py::arg("name"), "Choose the CPU build (tests).");

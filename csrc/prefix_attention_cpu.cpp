@@ -16,11 +16,7 @@
 // Determinism: every output element is written by one item, whose arithmetic depends only on the
 // tile grids, fixed by the machine and the shape (never on the thread that runs it or on the thread count).
 #include <algorithm>
-#include <atomic>
-#include <exception>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <time.h>
 #include <type_traits>
 #include <vector>
@@ -28,6 +24,7 @@
 #include "prefix_attention.h"
 #include "prefix_attention_tile.h"
 #include "cpu_tile_math.h"
+#include "cpu_threads.h"
 
 #ifndef FASTMEM_CPU_ISA
 #define FASTMEM_CPU_ISA base
@@ -42,40 +39,11 @@ namespace {
 using cpu_math::exp_nonpositive;
 using cpu_math::exp_shifted_row;
 using cpu_math::tile_product;
+using cpu_threads::parallel_for;
 
 constexpr int64_t kKeyTile = 64;    // keys per tile; S / P tiles are kKeyTile wide
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Runs f(item) for item in [0, n) on up to `threads` threads (the caller's thread included).
-// Items are handed out dynamically; results must not depend on which thread runs an item.
-template <class F>
-void parallel_for(int64_t n, int threads, const F& f) {
-  if (n <= 0) return;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-  if (workers == 1) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto work = [&]() {
-    try {
-      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-      next.store(n);
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
-}
 
 template <class T>
 const T* at(const TensorArg& t, int64_t a, int64_t b, int64_t c) {

@@ -1,6 +1,6 @@
-// Picks the CPU backend build (prefix_attention_cpu.cpp compiled once per ISA) that this CPU runs:
-// the widest of avx512 / avx2 / base, or the one named by set_isa (tests run each build they can),
-// and its tiles on this machine (Tiles): the micro-tile height by a few milliseconds of timing the
+// Picks the CPU backend build (prefix_attention_cpu.cpp and few_row_linear_cpu.cpp, compiled once per ISA)
+// that this CPU runs: the widest of avx512 / avx2 / base, or the one named by set_isa (tests run each
+// build they can), and its tiles on this machine (Tiles): the micro-tile height by a few milliseconds of timing the
 // first time the build runs, the L2 size from the C library.
 #include <algorithm>
 #include <mutex>
@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "few_row_linear.h"
 #include "prefix_attention.h"
 
 namespace fastmem {
@@ -21,6 +22,7 @@ namespace cpu {
   void backward(const Params& p, const Tiles& tiles); \
   std::vector<int> micro_row_choices();               \
   double time_micro_rows(int micro_rows, int reps);   \
+  void few_row_linear(const LinearArgs& a);           \
   }
 FASTMEM_DECLARE_ISA(base)
 #ifdef FASTMEM_CPU_HAS_AVX2
@@ -39,6 +41,7 @@ struct Build {
   void (*backward)(const Params&, const Tiles&);
   std::vector<int> (*micro_row_choices)();
   double (*time_micro_rows)(int, int);
+  void (*few_row_linear)(const LinearArgs&);
   bool runs_here;
 };
 
@@ -62,14 +65,14 @@ const std::vector<Build>& builds() {
   static const std::vector<Build> all = {
 #ifdef FASTMEM_CPU_HAS_AVX512
       {"avx512", &avx512::forward, &avx512::backward, &avx512::micro_row_choices, &avx512::time_micro_rows,
-       cpu_has("avx512")},
+       &avx512::few_row_linear, cpu_has("avx512")},
 #endif
 #ifdef FASTMEM_CPU_HAS_AVX2
       {"avx2", &avx2::forward, &avx2::backward, &avx2::micro_row_choices, &avx2::time_micro_rows,
-       cpu_has("avx2")},
+       &avx2::few_row_linear, cpu_has("avx2")},
 #endif
       {"base", &base::forward, &base::backward, &base::micro_row_choices, &base::time_micro_rows,
-       true},
+       &base::few_row_linear, true},
   };
   return all;
 }
@@ -147,6 +150,7 @@ Tiles tiles() { return tiles_of(*active()); }
 
 void forward(const Params& p) { active()->forward(p, tiles_of(*active())); }
 void backward(const Params& p) { active()->backward(p, tiles_of(*active())); }
+void few_row_linear(const LinearArgs& a) { active()->few_row_linear(a); }
 
 }  // namespace cpu
 }  // namespace pa

@@ -27,6 +27,7 @@ from fastmem.hf.attention import check_patched
 from fastmem.hf.context import InjectionContext
 from fastmem.hf.pools import KVPool, Memory, checked_index, memory_lengths
 from fastmem.hf.shared_prefix import output_logits, run_after_memory, shared_prefix
+from fastmem.ops.linear import few_row_linears
 
 
 @dataclass(frozen=True)
@@ -378,17 +379,18 @@ def sample(model, input_ids, *, bank=None, index=None, n: int = 8, max_new_token
         owner = torch.arange(len(prompts), device=device).repeat_interleave(n)
         logits = output_logits(model, prefix.last_hidden)[owner]
         decoder = _LockstepDecoder(model, prefix.pool, owner, max_new_tokens - 1)
-        for step in range(max_new_tokens):
-            tokens, logprobs = _next_tokens(logits, temperature, top_p, uniforms.at(step), top_k, min_p)
-            running = progress.record(tokens.tolist(), logprobs.tolist(), last=step == max_new_tokens - 1)
-            if not any(running):
-                break
-            if 2 * sum(running) <= len(running):
-                rows = [row for row, runs in enumerate(running) if runs]
-                kept = torch.tensor(rows, device=device)
-                decoder.keep(kept)
-                uniforms.keep(kept)
-                progress.keep(rows)
-                tokens = tokens[kept]
-            logits = decoder.step(tokens)
+        with few_row_linears(model):   # the steps' linears, at few rows, run the few-row kernel
+            for step in range(max_new_tokens):
+                tokens, logprobs = _next_tokens(logits, temperature, top_p, uniforms.at(step), top_k, min_p)
+                running = progress.record(tokens.tolist(), logprobs.tolist(), last=step == max_new_tokens - 1)
+                if not any(running):
+                    break
+                if 2 * sum(running) <= len(running):
+                    rows = [row for row, runs in enumerate(running) if runs]
+                    kept = torch.tensor(rows, device=device)
+                    decoder.keep(kept)
+                    uniforms.keep(kept)
+                    progress.keep(rows)
+                    tokens = tokens[kept]
+                logits = decoder.step(tokens)
     return progress.samples(n)

@@ -10,6 +10,7 @@ import torch
 from test_patch import ARCHS, KINDS, MIXED_INDEX, PlanCounter, make_model, mixed_bank
 
 from fastmem import inject, patch
+from fastmem.ops import native
 from fastmem.sampling import _LockstepDecoder, _next_tokens, filtered_probs, sample, stream_seed
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
@@ -58,17 +59,29 @@ def continuation_logprob(model, prompt: list[int], tokens: list[int], memory: di
     return predicted.gather(1, torch.tensor(tokens)[:, None]).sum()
 
 
+def count_few_row_linear_calls(monkeypatch):
+    """Counts the native few-row linear kernel's calls from now on; returns the count's getter."""
+    calls = []
+    original = native.few_row_linear
+    monkeypatch.setattr(native, "few_row_linear", lambda *args: calls.append(1) or original(*args))
+    return lambda: len(calls)
+
+
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
 @pytest.mark.parametrize("arch", [*ARCHS, "llama-eager", "gemma3_text-softcap"])
-def test_greedy_equals_hf_generate(arch, kind):
-    """Per architecture; also eager attention, and Gemma 3 with final logit soft-capping (fastmem's own head)."""
+def test_greedy_equals_hf_generate(arch, kind, monkeypatch):
+    """Per architecture; also eager attention, and Gemma 3 with final logit soft-capping (fastmem's own head).
+    The decode steps' linears run the few-row kernel (fp32 CPU, at most MAX_ROWS rows), generate's do not."""
     name, _, variant = arch.partition("-")
     model = make_model(name, **({"final_logit_softcapping": 0.5} if variant == "softcap" else {}))
     if variant == "eager":
         model.set_attn_implementation("eager")
     model = patch(model)
     memory, prompts = memory_args(model, kind), make_prompts()
+    kernel_calls = count_few_row_linear_calls(monkeypatch)
     result = sample(model, prompts, n=2, max_new_tokens=10, temperature=0, eos_token_id=(), **memory)
+    assert kernel_calls() > 0 or not native.is_available()
+    assert all("forward" not in module.__dict__ for module in model.modules())
     for row, prompt in enumerate(prompts):
         expected = generate_alone(model, prompt, memory, row, max_new_tokens=10, eos_token_id=None)
         tokens = expected.sequences[0, len(prompt):].tolist()

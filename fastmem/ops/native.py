@@ -50,6 +50,25 @@ def cpu_tiles() -> dict:
     return dict(isa=lib.cpu_isa(), **lib.cpu_tiles())
 
 
+def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T (+ bias)`` by the CPU few-row kernel (csrc/few_row_linear_cpu.cpp), on
+    ``torch.get_num_threads()`` threads. x: fp32 ``[rows, in]``, weight: fp32 ``[out, in]``, bias: fp32
+    ``[out]`` or None, all on the CPU with a unit-stride last dimension (`fastmem.ops.linear.few_row_linear`
+    checks that before calling). Returns fp32 ``[rows, out]``."""
+    lib = _lib()
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    args = lib.LinearArgs()
+    args.rows, args.in_features = x.shape
+    args.out_features = weight.shape[0]
+    args.x, args.x_stride = x.data_ptr(), x.stride(0)
+    args.weight, args.weight_stride = weight.data_ptr(), weight.stride(0)
+    args.bias = 0 if bias is None else bias.data_ptr()
+    args.y, args.y_stride = y.data_ptr(), y.stride(0)
+    args.num_threads = max(1, torch.get_num_threads())
+    lib.few_row_linear_cpu(args)
+    return y
+
+
 def _lib():
     if _native is None:
         raise RuntimeError(f"the native prefix_attention backend is not available: {UNAVAILABLE_REASON}")
