@@ -72,9 +72,10 @@ inline float lane_sum(Vec v) {
 }
 #endif
 
-// y[i0 .. i0 + kR, n0 .. n0 + kW): kR rows of x against kW rows of W, kR x kW register accumulators.
+// y[i0 .. i0 + kR, n0 .. n0 + kW): kR rows of x against kW rows of W, kR x kW register accumulators;
+// pass `phase` of `passes` over this block of W (see the prefetch below).
 template <int kR, int kW>
-void block(const LinearArgs& a, int64_t i0, int64_t n0, bool prefetch) {
+void block(const LinearArgs& a, int64_t i0, int64_t n0, int64_t phase, int64_t passes) {
   const int64_t depth = a.in_features, ldw = a.weight_stride;
   const float* x = reinterpret_cast<const float*>(a.x) + i0 * a.x_stride;
   const float* w = reinterpret_cast<const float*>(a.weight) + n0 * ldw;
@@ -82,11 +83,15 @@ void block(const LinearArgs& a, int64_t i0, int64_t n0, bool prefetch) {
   int64_t k = 0;
 #if defined(__GNUC__)
   Vec acc[kR][kW] = {};
+  // The next block's rows go into L2 spread evenly over this block's passes, at the k steps whose index
+  // is `phase` mod `passes` (phase < 0: none): the memory stays busy while later passes compute from L1.
+  int64_t step_phase = 0;
   for (; k + kVecFloats <= depth; k += kVecFloats) {
+    const bool prefetch = step_phase == phase;
+    step_phase = step_phase + 1 == passes ? 0 : step_phase + 1;
     Vec wv[kW];
     for (int j = 0; j < kW; ++j) {
       wv[j] = load_vec(w + j * ldw + k);
-      // the next block's rows, into L2 (a weight is read from memory once: keep it out of L1)
       if (prefetch) __builtin_prefetch(w + (kWeightRows + j) * ldw + k, 0, 1);
     }
     for (int r = 0; r < kR; ++r) {
@@ -97,7 +102,8 @@ void block(const LinearArgs& a, int64_t i0, int64_t n0, bool prefetch) {
   for (int r = 0; r < kR; ++r)
     for (int j = 0; j < kW; ++j) total[r][j] = lane_sum(acc[r][j]);
 #else
-  (void)prefetch;
+  (void)phase;
+  (void)passes;
 #endif
   const float* bias = reinterpret_cast<const float*>(a.bias);
   float* y = reinterpret_cast<float*>(a.y) + i0 * a.y_stride + n0;
@@ -111,16 +117,17 @@ void block(const LinearArgs& a, int64_t i0, int64_t n0, bool prefetch) {
 }
 
 // Rows [n0, n0 + kW) of W against every row of x, kXRows at a time (the block rereads from L1), then
-// the rest; the first pass prefetches the next block, which exists when `more` (the item goes on).
+// the rest; its passes prefetch the next block, which exists when `more` (the item goes on).
 template <int kW>
 void weight_block(const LinearArgs& a, int64_t n0, bool more) {
-  int64_t i0 = 0;
-  for (; i0 + kXRows <= a.rows; i0 += kXRows) block<kXRows, kW>(a, i0, n0, more && i0 == 0);
-  const bool prefetch = more && i0 == 0;
+  const int64_t passes = (a.rows + kXRows - 1) / kXRows;
+  int64_t i0 = 0, pass = 0;
+  for (; i0 + kXRows <= a.rows; i0 += kXRows, ++pass) block<kXRows, kW>(a, i0, n0, more ? pass : -1, passes);
+  const int64_t phase = more ? pass : -1;
   switch (a.rows - i0) {
-    case 3: return block<3, kW>(a, i0, n0, prefetch);
-    case 2: return block<2, kW>(a, i0, n0, prefetch);
-    case 1: return block<1, kW>(a, i0, n0, prefetch);
+    case 3: return block<3, kW>(a, i0, n0, phase, passes);
+    case 2: return block<2, kW>(a, i0, n0, phase, passes);
+    case 1: return block<1, kW>(a, i0, n0, phase, passes);
   }
 }
 
