@@ -1,11 +1,12 @@
 """How fast fastmem is next to what users run today, measured in the same run.
 
-    python bench/throughput.py [--only attention,decode,train,sample,loop,real,store] [--quick] [--json FILE]
+    python bench/throughput.py [--only attention,decode,linear,train,sample,loop,real,store] [--quick] [--json FILE]
                                [--plot FILE.png] [--device cpu|cuda] [--reps N] [--threads N]
 
 Prints a Markdown table (every figure next to its baseline, as baseline time / fastmem time), then one
-line per target, met or missed by how much. Kernel sections (attention, decode) time one op; end-to-end
-sections (train, sample, loop; bench/learning.py) time a whole job against HF + PEFT; `real` (bench/real.py)
+line per target, met or missed by how much. Kernel sections (attention, decode; linear: bench/linear.py)
+time one op; end-to-end sections (train, sample, loop; bench/learning.py) time a whole job against HF + PEFT;
+`real` (bench/real.py)
 does so on SmolLM2-135M-Instruct, with all threads, and judges a decode step against its roofline; `store`
 (bench/store.py) fills, saves, loads and searches `MemoryStore` at 1,000 to 100,000 entries next to the old store,
 writing gigabytes to a temporary directory. To add a section:
@@ -37,6 +38,7 @@ from bench.harness import (END_TO_END, FWD, FWD_BWD, GRAD_OUT, PEAK_MEMORY_DEFIN
                            target_lines)
 from bench.learning import (LOOP_NOTE, SAMPLE_NOTE, TRAIN_NOTE, LR, loop_cases, sample_cases,  # noqa: E402
                             train_cases)
+from bench.linear import LINEAR_NOTE, linear_cases  # noqa: E402
 from bench.ranks import RANKS_NOTE, ranks_cases  # noqa: E402
 from bench.real import real_cases, real_note, real_timing  # noqa: E402
 from bench.store import store_rows  # noqa: E402
@@ -368,6 +370,7 @@ BANDWIDTH = Section(bandwidth_cases)
 SECTIONS = {
     "attention": Section(attention_cases, attention_sweeps),
     "decode": Section(decode_cases),
+    "linear": Section(linear_cases, note=LINEAR_NOTE, peak_memory=False, roofline=True),
     "train": Section(train_cases, end_to_end=True, note=TRAIN_NOTE.format(lr=LR)),
     "sample": Section(sample_cases, end_to_end=True, note=SAMPLE_NOTE),
     "loop": Section(lambda settings: loop_cases(settings) + ranks_cases(settings), end_to_end=True,

@@ -18,13 +18,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not part of the installed package
 
-from bench import harness, learning, ranks, real, throughput  # noqa: E402
+from bench import harness, learning, linear, ranks, real, throughput  # noqa: E402
 from bench import store as bench_store  # noqa: E402
 from bench.baselines import (concat_cache_decode, mean_hidden_state, peft_online_loop,  # noqa: E402
                              peft_prefix_attention, prompt_weight, trace_batch)
 from bench.harness import CPU_PEAK_SUPPORTED, PEAK_RSS_ENV  # noqa: E402
 from fastmem.kernels.prefix_attention_ref import prefix_attention_ref  # noqa: E402
-from fastmem.ops import backends  # noqa: E402
+from fastmem.ops import backends, native  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -58,10 +58,14 @@ def test_smoke_run_reports_every_row(tmp_path):
                   ("loop", "HF + PEFT prefix tuning loop (one problem at a time)"), ("loop", "fastmem OnlineLearner"),
                   ("loop", ranks.ONE_PROCESS), ("loop", ranks.TWO_PROCESSES)}
     expected |= {(section, provider, "end-to-end") for section, provider in end_to_end}
+    linear_providers = (linear.BASELINE, linear.FASTMEM) if native.is_available() else ()
+    expected |= {("linear", provider, "fwd") for provider in linear_providers}
+    expected |= {("bandwidth", "torch", "fwd")}   # the linear section's roofline needs it
     assert {(row["section"], row["provider"], row["mode"]) for row in rows} == expected
     assert {row["case"] for row in rows if row["section"] == "attention"} == {
         "distinct slots", "2 rows/slot", throughput.LAYER_CALL_CASE}
-    assert len(rows) == 1 + 2 * 2 * (1 + len(fastmem_rows)) + 2 + (1 + len(fastmem_rows)) + 2 * 2 + 2 + 2 + 2
+    linear_rows = len(linear_providers) * len(linear.SMOKE_ROWS)
+    assert len(rows) == 2 + 2 * 2 * (1 + len(fastmem_rows)) + 2 + (1 + len(fastmem_rows)) + linear_rows + 2 * 2 + 2 + 2 + 2
     host_line = [line for line in table.splitlines() if "host time per prefix_attention layer call" in line]
     assert len(host_line) == 1 and " µs one-off " in host_line[0] and " µs with the forward's plan reused " in host_line[0]
     assert ("CUDA: run with --device cuda" if torch.cuda.is_available() else "CUDA: not timed: no GPU") in host_line[0]
@@ -71,6 +75,8 @@ def test_smoke_run_reports_every_row(tmp_path):
         if row["mode"] == "end-to-end":  # a rate of work (problems or tokens per second), no FLOP count
             assert row["rate_per_s"] > 0 and row["rate_unit"] in ("problems", "tokens") and row["flops"] is None
             assert f" {row['rate_unit']}/s |" in table
+        elif row["section"] == "bandwidth":  # a copy: bytes, no FLOPs
+            assert row["gflops_per_s"] is None and row["roofline_fraction"] == 1.0
         else:
             assert row["gflops_per_s"] > 0 and row["rate_per_s"] is None
         if row["baseline"] not in (None, row["provider"]) and row["section"] not in ("sample", "loop"):
@@ -84,12 +90,13 @@ def test_smoke_run_reports_every_row(tmp_path):
     assert all(row["shape"]["model"]["name"] for row in rows if row["mode"] == "end-to-end")
 
     assert {row["provider"] for row in rows if row["targets"]} == {
-        auto, "fastmem MemoryTrainer", "fastmem.sample", "fastmem OnlineLearner", ranks.TWO_PROCESSES}
+        auto, "fastmem MemoryTrainer", "fastmem.sample", "fastmem OnlineLearner", ranks.TWO_PROCESSES,
+        *linear_providers[1:]}
     # One summary line per target: speedup, ceiling and (on CPU) FLOP efficiency against SDPA's for 2 attention
     # workloads x 2 modes, speedup for decode, for both train workloads, for sample and for loop (against PEFT,
-    # and 2 processes against 1).
+    # and 2 processes against 1), and for the few-row linear at each smoke row count (all within MAX_ROWS).
     summary = [line for line in table.splitlines() if line.startswith("- ") and "; target >=" in line]
-    assert len(summary) == 2 * 2 * 3 + 1 + 2 + 1 + 2
+    assert len(summary) == 2 * 2 * 3 + 1 + 2 + 1 + 2 + linear_rows // 2
     assert sum("the PEFT way's" in line and "on the FLOPs it executes" in line for line in summary) == 4
     assert sum("problems/s); target" in line for line in summary) == 4
     assert sum("tokens/s); target" in line for line in summary) == 1
@@ -310,7 +317,7 @@ def test_unknown_section_is_a_clear_error(capsys):
         throughput.main(["--only", "attention,bogus"])
     assert exit_info.value.code != 0
     error = capsys.readouterr().err
-    assert "'bogus'" in error and "sections: attention, decode, train, sample, loop, real" in error
+    assert "'bogus'" in error and "sections: attention, decode, linear, train, sample, loop, real" in error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gives")
