@@ -42,10 +42,22 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
+# Why `is_available()` is False, when it is (read by fastmem.ops.backends).
+UNAVAILABLE_REASON = "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 to run on CPU)"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter: ``TRITON_INTERPRET`` as Triton itself reads it (its
+    runtime knob, read at every call), so fastmem and Triton never disagree about a value like ``on``."""
+    knobs = getattr(triton, "knobs", None)   # Triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def is_available() -> bool:
-    """True when the kernels can run: a CUDA device, or the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    return interpreting or torch.cuda.is_available()
+    """True when the kernels can run: a CUDA device, or the Triton interpreter (`interpreting`)."""
+    return interpreting() or torch.cuda.is_available()
 
 
 def _grid_chunks(grid: tuple) -> list:

@@ -578,3 +578,17 @@ def test_cuda_matches_fp64_reference(case, dtype, backend):
     assert_within_rule("out", out.cpu(), ref_out, base_out, 2, dtype)
     for name, grad, ref, base in zip(tensors, grads, ref_grads, base_grads):
         assert_within_rule(f"d{name}", grad.cpu(), ref, base, 3, dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter switch")
+def test_triton_interpreter_switch_is_read_as_triton_reads_it(monkeypatch):
+    """`TRITON_INTERPRET=on` runs Triton's interpreter, so the backend must count as able to run on the CPU then
+    (and not with 0); the check once compared the value with "1" only."""
+    triton = pytest.importorskip("triton")
+    kernels = backends.BACKENDS["triton"].load()
+    for value, on in (("on", True), ("true", True), ("1", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        if hasattr(triton, "knobs"):
+            assert bool(triton.knobs.runtime.interpret) is on   # what Triton itself will do
+        assert kernels.interpreting() is on and kernels.is_available() is on
+        assert backends.supports("triton", torch.device("cpu"), torch.float32, 64) is on

@@ -8,7 +8,6 @@ the backend is first asked for, so a missing Triton or native build only matters
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
@@ -88,7 +87,7 @@ def supports(name: str, device: torch.device, dtype: torch.dtype, head_dim: int)
     if dtype not in KERNEL_DTYPES or head_dim not in KERNEL_HEAD_DIMS:
         return False
     if name == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return device.type == "cuda" or _load_triton().interpreting()
     if name == "native":
         return device.type == "cpu" or _load_native().cuda_available()
     return False
