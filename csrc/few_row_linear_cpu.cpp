@@ -49,25 +49,21 @@ using cpu_math::Vec;
 // vectors: a few shuffles and adds, where a scalar loop over the lanes cost as much as a short row.
 typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float Floats4 __attribute__((vector_size(4 * sizeof(float))));
+template <class Half, class Whole>
+inline Half half_sum(const Whole& v) {  // lanes l + lanes l + width / 2
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  return lo + hi;
+}
 inline float lane_sum(Vec v) {
   Floats4 quarter;
-  if constexpr (kVecFloats >= 8) {
-    Floats8 eight;
-    if constexpr (kVecFloats == 16) {
-      Floats8 lo, hi;
-      std::memcpy(&lo, &v, sizeof(lo));
-      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-      eight = lo + hi;
-    } else {
-      std::memcpy(&eight, &v, sizeof(eight));
-    }
-    Floats4 lo, hi;
-    std::memcpy(&lo, &eight, sizeof(lo));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&eight) + sizeof(lo), sizeof(hi));
-    quarter = lo + hi;
-  } else {
+  if constexpr (kVecFloats == 16)
+    quarter = half_sum<Floats4>(half_sum<Floats8>(v));
+  else if constexpr (kVecFloats == 8)
+    quarter = half_sum<Floats4>(v);
+  else
     std::memcpy(&quarter, &v, sizeof(quarter));
-  }
   return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 #endif
