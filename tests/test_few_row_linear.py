@@ -169,10 +169,25 @@ def test_context_leaves_gradients_and_other_forwards_alone(monkeypatch):
     counting = _Counting(monkeypatch)
     x = torch.randn(2, 16, requires_grad=True)
     with few_row_linears(torch.nn.ModuleList([layer, hooked])):
-        layer(x).sum().backward()
+        layer(x).sum().backward()                        # records a gradient: F.linear
+        assert counting.calls == 0 and x.grad is not None
         assert not hooked(x.detach()).any()
-    assert counting.calls == 0 and x.grad is not None
+        with torch.inference_mode():                     # the trainable layer, nothing to record: the kernel
+            out = layer(x.detach())
+        assert counting.calls == 1
+    assert torch.allclose(out, F.linear(x.detach(), layer.weight, layer.bias), atol=1e-6)
     assert hooked.__dict__["forward"] is not own_forward   # the wrapper is still there
+
+
+def test_a_layer_changed_inside_the_context_falls_back(monkeypatch):
+    """A layer moved to another dtype after the context installed its forward is never handed to the kernel
+    (which would read bf16 memory as fp32)."""
+    layer = torch.nn.Linear(32, 8).requires_grad_(False)
+    counting = _Counting(monkeypatch)
+    with few_row_linears(layer), torch.no_grad():
+        layer.to(torch.bfloat16)
+        out = layer(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert counting.calls == 0 and out.dtype == torch.bfloat16
 
 
 def test_context_restores_the_layers_after_an_error():

@@ -3,9 +3,9 @@
 At a few rows a linear layer reads every weight once and does a few FMAs per weight. torch's CPU sgemm
 packs the weight into panels on every call, which measured 5.7 GB/s of weight read on Zen 4 at 8 rows
 against 32 GB/s for a plain read; the native kernel (csrc/few_row_linear_cpu.cpp) streams the weight in
-place: 1.6x torch at 8 rows, 1.4x at 16, 1.2x at 32 and parity at 64 over SmolLM2-135M's 211 linears on
-2 Zen 4 cores (bench/real.py's decode rows show it in a model step). fp32 CPU only: on a GPU, cuBLAS
-already streams the weight.
+place: 1.69x torch at 1 row, 1.73x at 8, 1.20x at 32 and parity at 64 over SmolLM2-135M's 211 linears on
+2 Zen 4 cores (`bench/throughput.py --only linear`; the `real` section's decode rows show it in a model
+step). fp32 CPU only: on a GPU, cuBLAS already streams the weight.
 
 `few_row_linears(model)` is a context in which the model's ``nn.Linear`` layers run the kernel when
 called with few rows; fastmem's sampler runs its decode steps in it. The reference is
@@ -60,44 +60,50 @@ def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 
 def _weights_eligible(module: torch.nn.Linear) -> bool:
-    """Whether a linear layer's weight and bias are what the kernel takes (fp32 CPU, frozen, unit stride)."""
+    """Whether a linear layer's weight and bias are what the kernel takes: fp32 on the CPU, the weight 2-D with
+    unit stride, the bias contiguous ``[out]``. Trainable weights qualify: a call that would record a
+    gradient is left to ``F.linear`` (`_rows`)."""
     weight, bias = module.weight, module.bias
-    tensors = (weight,) if bias is None else (weight, bias)
-    return (weight.dim() == 2 and weight.stride(-1) == 1 and (bias is None or bias.is_contiguous())
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in tensors))
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.stride(-1) == 1 and (bias is None or (
+                bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous()
+                and tuple(bias.shape) == (weight.shape[0],))))
 
 
-def _rows(x: Tensor, in_features: int) -> Tensor | None:
-    """x as fp32 CPU ``[rows, in]`` with unit stride when the kernel should take it (at most `MAX_ROWS`
-    rows, nothing to differentiate), else None."""
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != in_features
-            or not 0 < x.numel() <= MAX_ROWS * in_features or (x.requires_grad and torch.is_grad_enabled())):
+def _rows(x: Tensor, module: torch.nn.Linear) -> Tensor | None:
+    """x as fp32 CPU ``[rows, in]`` with unit stride when the kernel should take this call (at most `MAX_ROWS`
+    rows, the layer's weights still as `_weights_eligible` found them, no gradient to record: autograd off,
+    or nothing in the call requires one), else None. Checked at every call, so a layer changed inside the
+    context (another dtype, device or shape) falls back to ``F.linear`` instead of misreading memory."""
+    weight, bias = module.weight, module.bias
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != weight.shape[-1]
+            or not 0 < x.numel() <= MAX_ROWS * weight.shape[-1] or not _weights_eligible(module)):
         return None
-    rows = x.reshape(-1, in_features)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or bias is not None and bias.requires_grad):
+        return None
+    rows = x.reshape(-1, weight.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _few_row_forward(module: torch.nn.Linear, x: Tensor) -> Tensor:
-    """``module(x)``: the kernel at few rows, ``F.linear`` otherwise (the layer's weights were checked when
-    the forward was installed)."""
-    rows = _rows(x, module.in_features)
+    """``module(x)``: the kernel when `_rows` lets it take the call, ``F.linear`` otherwise."""
+    rows = _rows(x, module)
     if rows is None:
         return F.linear(x, module.weight, module.bias)
-    return native.few_row_linear(rows, module.weight, module.bias).view(*x.shape[:-1], module.out_features)
-
-
-_few_row_forward.fastmem = True   # marks the forwards this module installs
+    return native.few_row_linear(rows, module.weight, module.bias).view(*x.shape[:-1], module.weight.shape[0])
 
 
 @contextmanager
 def few_row_linears(model: torch.nn.Module):
-    """Within the context, the ``nn.Linear`` layers of ``model`` whose weights are fp32 on the CPU and frozen
-    run the native few-row kernel when called with at most `MAX_ROWS` rows (and nothing to differentiate),
-    and ``F.linear`` otherwise; on exit they are as before. A layer with a forward of its own (a hook
-    library's wrapper) is left alone. Without `fastmem._native`, nothing changes.
+    """Within the context, the ``nn.Linear`` layers of ``model`` whose weights are fp32 on the CPU run the
+    native few-row kernel when called with at most `MAX_ROWS` rows and no gradient to record (under
+    ``no_grad`` / ``inference_mode``, or with nothing requiring one), and ``F.linear`` otherwise; on exit
+    they are as before. A layer with a forward of its own (a hook library's wrapper) and subclasses of
+    ``nn.Linear`` (quantized layers) are left alone. Without `fastmem._native`, nothing changes.
 
-    Installs and removes an instance ``forward`` per layer (about 0.1 ms for SmolLM2's 211 layers): meant
-    around a decode step, whose linears it speeds up 1.6x at 8 rows (module docstring)."""
+    Installs an instance ``forward`` per layer on entry and removes it on exit (about 0.1 ms for SmolLM2's
+    211 layers): meant around a decode loop."""
     installed = []
     if native.is_available():
         for module in model.modules():
