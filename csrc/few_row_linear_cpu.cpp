@@ -9,8 +9,8 @@
 // block's interleaved row streams poorly). At 8 rows Zen 4's one 512-bit FMA per cycle, not the memory,
 // is the bound: 8 FMAs per weight.
 //
-// Built once per ISA (like prefix_attention_cpu.cpp); work items are ranges of W rows spread over
-// std::threads. Determinism: y[i, n] sums k in kVecFloats lanes (lane l: k = l, l + kVecFloats, ...
+// Built once per ISA (like prefix_attention_cpu.cpp); work items are ranges of W rows spread over the
+// worker pool of cpu_threads.h. Determinism: y[i, n] sums k in kVecFloats lanes (lane l: k = l, l + kVecFloats, ...
 // in order), the lanes in a fixed tree, then the k tail in order, then the bias: the same bits on
 // every thread count and for every row of x (a row's result never depends on the other rows).
 #include <algorithm>

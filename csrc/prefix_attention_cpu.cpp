@@ -1,5 +1,6 @@
 // CPU backend of prefix attention: FlashAttention-2 over fp32 tiles, every tile product a
-// register-blocked micro-kernel (cpu_tile_math.h), work items spread over std::thread workers.
+// register-blocked micro-kernel (cpu_tile_math.h), work items spread over the
+// persistent worker pool of cpu_threads.h.
 //
 // Built once per ISA (FASTMEM_CPU_ISA = base, avx2 or avx512; see CMakeLists.txt) into
 // namespace cpu::<isa>; prefix_attention_cpu_dispatch.cpp picks the best one the CPU runs.

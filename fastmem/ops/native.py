@@ -3,8 +3,9 @@
 Implements the backend contract of ``docs/backend_contract.md``. This module owns every tensor:
 it allocates outputs and workspaces with torch, makes the last dimension contiguous where needed, and
 passes raw pointers, sizes and element strides to the compiled module (csrc/), which links no torch.
-CPU tensors run on ``torch.get_num_threads()`` std::threads; CUDA tensors are launched on the current
-torch stream of their device, asynchronously.
+CPU tensors run on up to ``torch.get_num_threads()`` threads of a persistent pool (csrc/cpu_threads.cpp);
+CUDA tensors are launched on the current torch stream of their device, asynchronously. The module also
+holds the few-row linear kernel (`few_row_linear`, used by `fastmem.ops.linear`).
 
 Backward pool gradients: the kernels write fp32 per-use partials ``[B, M, P, Hkv, D]`` and reduce them
 per slot in ascending (b, m) order: the same bits as `sum_into_slots` on those partials, then a cast.
