@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fastmem.hf.shared_prefix import run_after_memory
 from fastmem.memory import MemoryBank, PrefixBank
 from fastmem.prompting import PromptFormat
 from fastmem.distributed import all_gather, share
@@ -211,7 +212,8 @@ class OnlineLearner:
     @torch.no_grad()
     def embed(self, questions: list[str]) -> Tensor:
         """Mean-pooled last hidden states of the base model (no memory) over each question's encoded prompt
-        (`encode`): ``[B, hidden]`` fp32."""
+        (`encode`): ``[B, hidden]`` fp32. The decoder alone runs (`run_after_memory`): the output head's logits
+        for every prompt position, which the model's own forward would also make, are never needed here."""
         prompts = [self.encode(q) for q in questions]
         width = max(map(len, prompts))
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -220,7 +222,7 @@ class OnlineLearner:
             ids[row, :len(prompt)] = torch.tensor(prompt)
             mask[row, :len(prompt)] = 1
         ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+        hidden = run_after_memory(self.model, None, ids).float()   # causal: padding after a row never reaches it
         weights = mask[..., None].float()
         return (hidden * weights).sum(1) / weights.sum(1)
 
