@@ -72,6 +72,27 @@ def test_cache_under_either_keyword_continues_exactly(keyword, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_mask_over_the_new_tokens_only_is_refused_with_a_cache(kind):
+    """With a cache, a 2-D mask must cover the cached and the new tokens (as generate builds it): one over the
+    new tokens only gave silently wrong logits (plain transformers is wrong too), now a clear error; the
+    right mask continues exactly."""
+    model = tiny("llama")
+    torch.manual_seed(3)
+    bank = KINDS[kind][0](model, slots=1, length=2)
+    with inject(model, bank, torch.tensor([0])), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 2, dtype=torch.long), use_cache=True,
+              past_key_values=cache)
+        with pytest.raises(ValueError, match="describes 0 earlier positions, but the cache holds 2"):
+            model(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, 1, dtype=torch.long), use_cache=True,
+                  past_key_values=cache)
+        step = model(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                     use_cache=True, past_key_values=cache).logits[0, -1]
+        full = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=False).logits[0, -1]
+    assert max_diff(step, full) < ATOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cache", ["dynamic", "static", pytest.param("offloaded", marks=NEEDS_CUDA),
                                    pytest.param("offloaded_static", marks=NEEDS_CUDA)])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3_text"])
