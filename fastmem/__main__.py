@@ -74,6 +74,9 @@ def info() -> None:
     if backends.unavailable_reason("native") is None:
         from fastmem import _native
         print(f"  native CPU kernels: {_native.cpu_isa()} build (this CPU runs: {', '.join(_native.cpu_isas())})")
+    from fastmem.ops import linear, native
+    kernel = "native kernel" if native.is_available() else f"torch F.linear ({native.UNAVAILABLE_REASON})"
+    print(f"few-row linear (fastmem.sample's decode steps, fp32 CPU, <= {linear.MAX_ROWS} rows): {kernel}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):

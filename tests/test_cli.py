@@ -358,6 +358,9 @@ def test_info_reports_each_backends_availability_and_autos_pick(capsys, monkeypa
     assert status == {name: "available" if backends.unavailable_reason(name) is None
                       else f"unavailable: {backends.unavailable_reason(name)}" for name in backends.BACKENDS}
     assert ("native CPU kernels" in text) == (native is None)
+    from fastmem.ops import native as native_module
+    few_row = [line for line in text.splitlines() if line.startswith("few-row linear")]
+    assert len(few_row) == 1 and few_row[0].endswith("native kernel") == native_module.is_available()
     cpu = {key: picked for key, picked in picks.items() if key[0] == "cpu"}
     assert sorted(cpu) == sorted(("cpu", dtype, head_dim) for dtype in ("float32", "float16", "bfloat16")
                                  for head_dim in (64, 128))
