@@ -76,7 +76,7 @@ def test_smoke_run_reports_every_row(tmp_path):
             assert row["rate_per_s"] > 0 and row["rate_unit"] in ("problems", "tokens") and row["flops"] is None
             assert f" {row['rate_unit']}/s |" in table
         elif row["section"] == "bandwidth":  # a copy: bytes, no FLOPs
-            assert row["gflops_per_s"] is None and row["roofline_fraction"] == 1.0
+            assert row["gflops_per_s"] is None and row["roofline_fraction"] == pytest.approx(1.0)
         else:
             assert row["gflops_per_s"] > 0 and row["rate_per_s"] is None
         if row["baseline"] not in (None, row["provider"]) and row["section"] not in ("sample", "loop"):
