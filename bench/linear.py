@@ -45,7 +45,7 @@ def torch_linears(inputs):
     return torch.cat([F.linear(inputs["x"][w.shape[1]], w)[:, :1] for w in inputs["weights"]], 1)
 
 
-def few_row_linears(inputs):
+def fastmem_linears(inputs):
     return torch.cat([few_row_linear(inputs["x"][w.shape[1]], w)[:, :1] for w in inputs["weights"]], 1)
 
 
@@ -65,7 +65,7 @@ def linear_cases(settings: "Settings") -> list[Case]:
         workload = Workload("linear", f"{len(layers)} linears ({parameters * 4 / 1e6:.0f} MB fp32), {rows} rows",
                             dict(rows=rows, layers=len(layers), parameters=parameters), make_inputs,
                             forward_flops=2.0 * rows * parameters, bytes_read=4.0 * parameters, peak_memory=False)
-        cases += comparison_cases(workload, (FWD,), (BASELINE, torch_linears), {FASTMEM: few_row_linears},
+        cases += comparison_cases(workload, (FWD,), (BASELINE, torch_linears), {FASTMEM: fastmem_linears},
                                   targeted=FASTMEM,
                                   targets=(Target("speedup", TARGET),) if rows <= MAX_ROWS else ())
     return cases

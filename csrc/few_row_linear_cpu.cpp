@@ -38,7 +38,7 @@ using cpu_math::kVecFloats;
 // registers (AVX2's 16 take 4 x 2). Measured on Zen 4 at 8 rows (226 MB of W, one core), 4 x 4 with the
 // prefetch read 14.0 GB/s; without it 8.9; 8 x 3, 6 x 4, 8 x 2, 2 x 8: 11.9-13.8; one W row at a time
 // against 8 rows of x 8.3 (torch's sgemm: 5.7).
-constexpr int kXRows = 4;
+constexpr int kXRows = 4;             // weight_block's passes dispatch 1..4 rows
 constexpr int kWeightRows = kVecFloats == 16 ? 4 : 2;
 constexpr int64_t kItemRows = 64;    // W rows per work item (a multiple of kWeightRows)
 
@@ -113,18 +113,20 @@ void block(const LinearArgs& a, int64_t i0, int64_t n0, int64_t phase, int64_t p
     }
 }
 
-// Rows [n0, n0 + kW) of W against every row of x, kXRows at a time (the block rereads from L1), then
-// the rest; its passes prefetch the next block, which exists when `more` (the item goes on).
+// Rows [n0, n0 + kW) of W against every row of x, kXRows at a time (the block rereads from L1), the last
+// pass with the rows left; each pass prefetches its share of the next block, which exists when `more`
+// (the item goes on).
 template <int kW>
 void weight_block(const LinearArgs& a, int64_t n0, bool more) {
   const int64_t passes = (a.rows + kXRows - 1) / kXRows;
-  int64_t i0 = 0, pass = 0;
-  for (; i0 + kXRows <= a.rows; i0 += kXRows, ++pass) block<kXRows, kW>(a, i0, n0, more ? pass : -1, passes);
-  const int64_t phase = more ? pass : -1;
-  switch (a.rows - i0) {
-    case 3: return block<3, kW>(a, i0, n0, phase, passes);
-    case 2: return block<2, kW>(a, i0, n0, phase, passes);
-    case 1: return block<1, kW>(a, i0, n0, phase, passes);
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const int64_t i0 = pass * kXRows, phase = more ? pass : -1;
+    switch (std::min<int64_t>(kXRows, a.rows - i0)) {
+      case 4: block<4, kW>(a, i0, n0, phase, passes); break;
+      case 3: block<3, kW>(a, i0, n0, phase, passes); break;
+      case 2: block<2, kW>(a, i0, n0, phase, passes); break;
+      case 1: block<1, kW>(a, i0, n0, phase, passes); break;
+    }
   }
 }
 

@@ -100,11 +100,11 @@ class _Injection:
         if flat_mask is not None:
             past = flat_mask.shape[1] - new
             first_token = _key_start(flat_mask, batch, new) - past
-            if cache is not None and context.longest_memory > 0 and int(cache.get_seq_length()) != past:
+            cached = int(cache.get_seq_length()) if cache is not None and context.longest_memory > 0 else past
+            if cached != past:
                 raise ValueError(f"attention_mask has {flat_mask.shape[1]} columns for {new} new tokens, so it "
-                                 f"describes {past} earlier positions, but the cache holds "
-                                 f"{int(cache.get_seq_length())}: pass a 2-D mask over the cached and the new tokens "
-                                 "(as generate builds it)")
+                                 f"describes {past} earlier positions, but the cache holds {cached}: pass a 2-D "
+                                 "mask over the cached and the new tokens (as generate builds it)")
         else:
             past, first_token = (int(cache.get_seq_length()) if cache is not None else 0), None
         if attention_mask is None and past == 0 and kwargs.get("position_ids") is not None and bool(

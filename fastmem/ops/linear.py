@@ -26,6 +26,21 @@ from fastmem.ops import native
 MAX_ROWS = 32
 
 
+def _fp32_cpu(t: Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def _records_gradient(*tensors: Tensor | None) -> bool:
+    """Whether a linear call on these tensors would record a gradient (autograd on, one of them requires it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """x ``[..., in]`` as ``[rows, in]`` with unit stride along ``in`` (a view when it already has one)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` by the native few-row kernel.
 
@@ -39,7 +54,7 @@ def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"few_row_linear: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if not _fp32_cpu(t):
             raise TypeError(f"few_row_linear takes fp32 CPU tensors; {name} is {t.dtype} on {t.device}")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"few_row_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match "
@@ -47,11 +62,9 @@ def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"few_row_linear: bias {tuple(bias.shape)} must be [{weight.shape[0]}] for weight "
                          f"{tuple(weight.shape)}")
-    if x.requires_grad and torch.is_grad_enabled() or weight.requires_grad and torch.is_grad_enabled():
+    if _records_gradient(x, weight, bias):
         raise ValueError("few_row_linear is not differentiable: call it under torch.no_grad() or use F.linear")
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _as_rows(x)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if rows.shape[0] == 0 or weight.shape[0] == 0:
@@ -64,10 +77,8 @@ def _weights_eligible(module: torch.nn.Linear) -> bool:
     unit stride, the bias contiguous ``[out]``. Trainable weights qualify: a call that would record a
     gradient is left to ``F.linear`` (`_rows`)."""
     weight, bias = module.weight, module.bias
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.stride(-1) == 1 and (bias is None or (
-                bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous()
-                and tuple(bias.shape) == (weight.shape[0],))))
+    return (_fp32_cpu(weight) and weight.dim() == 2 and weight.stride(-1) == 1 and (
+        bias is None or (_fp32_cpu(bias) and bias.is_contiguous() and tuple(bias.shape) == (weight.shape[0],))))
 
 
 def _rows(x: Tensor, module: torch.nn.Linear) -> Tensor | None:
@@ -75,15 +86,12 @@ def _rows(x: Tensor, module: torch.nn.Linear) -> Tensor | None:
     rows, the layer's weights still as `_weights_eligible` found them, no gradient to record: autograd off,
     or nothing in the call requires one), else None. Checked at every call, so a layer changed inside the
     context (another dtype, device or shape) falls back to ``F.linear`` instead of misreading memory."""
-    weight, bias = module.weight, module.bias
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != weight.shape[-1]
-            or not 0 < x.numel() <= MAX_ROWS * weight.shape[-1] or not _weights_eligible(module)):
+    weight = module.weight
+    if (not _fp32_cpu(x) or x.dim() < 1 or x.shape[-1] != weight.shape[-1]
+            or not 0 < x.numel() <= MAX_ROWS * weight.shape[-1] or not _weights_eligible(module)
+            or _records_gradient(x, weight, module.bias)):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or bias is not None and bias.requires_grad):
-        return None
-    rows = x.reshape(-1, weight.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return _as_rows(x)
 
 
 def _few_row_forward(module: torch.nn.Linear, x: Tensor) -> Tensor:
